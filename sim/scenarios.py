@@ -1,0 +1,364 @@
+"""Occlusion scenarios: who is where at t = 0, sampled from a seed.
+
+Each scenario places an ego (a connected vehicle) whose view of a danger is blocked, at least one
+other connected vehicle that sees it, and background traffic:
+
+- ``overtaking`` (two_lane_road): a slow truck ahead of the ego hides an oncoming car.
+- ``left_turn`` (intersection): the ego turns left across oncoming traffic; a truck waiting to
+  turn left from the opposite direction hides an oncoming car in the outer lane.
+- ``red_light`` (intersection): a line of stopped vehicles in the lane beside the ego hides a car
+  running the red light on the crossing road.
+- ``merge`` (highway): the ego on the on-ramp is screened by a noise wall from a car in the right
+  lane of the carriageway it is about to merge into.
+- ``random_traffic`` (intersection): N connected vehicles in dense mixed traffic, for perception
+  data; no scripted danger.
+
+A scenario is pure data (:class:`ScenarioSpec`); :mod:`sim.world` turns it into moving vehicles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from sim.roads import RoadLayout, SignalPlan, make_layout
+from sim.types import ActorKind, Role
+
+__all__ = [
+    "SCENARIOS",
+    "ActorSpec",
+    "ScenarioParams",
+    "ScenarioSpec",
+    "build_scenario",
+    "sample_extent",
+]
+
+SCENARIOS = ("overtaking", "left_turn", "red_light", "merge", "random_traffic")
+
+# Typical full sizes (length, width, height) in metres and the spread sampled around them.
+_EXTENTS = {
+    ActorKind.CAR: ((4.6, 1.85, 1.5), (0.4, 0.08, 0.08)),
+    ActorKind.VAN: ((5.3, 2.0, 2.2), (0.3, 0.05, 0.15)),
+    ActorKind.TRUCK: ((9.0, 2.5, 3.7), (0.8, 0.03, 0.2)),
+    ActorKind.BUS: ((12.0, 2.55, 3.2), (0.3, 0.02, 0.05)),
+}
+_KIND_MIX = ((ActorKind.CAR, 0.7), (ActorKind.VAN, 0.15), (ActorKind.TRUCK, 0.1), (ActorKind.BUS, 0.05))
+
+
+def sample_extent(kind: ActorKind, rng: np.random.Generator) -> np.ndarray:
+    """(3,) full size of a vehicle of ``kind``: typical values with a small uniform spread."""
+    mean, spread = _EXTENTS[kind]
+    return np.round(np.asarray(mean) + rng.uniform(-1.0, 1.0, 3) * np.asarray(spread), 3)
+
+
+def _sample_kind(rng: np.random.Generator) -> ActorKind:
+    kinds, p = zip(*_KIND_MIX, strict=True)
+    return kinds[int(rng.choice(len(kinds), p=p))]
+
+
+@dataclass(frozen=True)
+class ScenarioParams:
+    """Knobs shared by every scenario; each scenario samples its own specifics from the seed."""
+
+    cavs: int | None = None
+    """connected vehicles including the ego; None = the scenario's default"""
+    traffic_density: float = 1.0
+    """background vehicles per 100 m of lane"""
+    parked_fraction: float = 0.3
+    """fraction of parking spots holding a parked vehicle (layouts with parking)"""
+    speed_scale: float = 1.0
+    """multiplies every sampled speed"""
+
+    def validate(self) -> None:
+        problems = []
+        if self.cavs is not None and not 1 <= self.cavs <= 32:
+            problems.append(f"cavs must be in [1, 32], got {self.cavs}")
+        if not 0.0 <= self.traffic_density <= 6.0:
+            problems.append(f"traffic_density must be in [0, 6] vehicles/100 m, got {self.traffic_density}")
+        if not 0.0 <= self.parked_fraction <= 1.0:
+            problems.append(f"parked_fraction must be in [0, 1], got {self.parked_fraction}")
+        if not 0.2 <= self.speed_scale <= 2.0:
+            problems.append(f"speed_scale must be in [0.2, 2], got {self.speed_scale}")
+        if problems:
+            raise ValueError("invalid scenario parameters: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ScenarioParams:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown scenario parameter(s) {unknown}; valid: {sorted(known)}")
+        params = cls(**values)
+        params.validate()
+        return params
+
+
+@dataclass
+class ActorSpec:
+    """A vehicle at t = 0.
+
+    Moving vehicles sit on ``route`` at arc length ``s``; parked ones at ``pose`` (x, y, yaw).
+    """
+
+    kind: ActorKind
+    role: Role
+    extent: np.ndarray
+    route: str | None = None
+    s: float = 0.0
+    speed: float = 0.0
+    desired_speed: float = 0.0
+    pose: tuple[float, float, float] | None = None
+    ignore_signals: bool = False
+    hold_until: float = 0.0
+    """seconds: the vehicle stays stopped until then (waiting to turn, queued)"""
+    tag: str = ""
+    """"ego", "hidden", "occluder", "witness" or "" for background"""
+
+
+@dataclass
+class ScenarioSpec:
+    """Everything needed to start an episode: the road, the signal timing and the actors.
+
+    ``actors[ego_index]`` is the ego; ``hidden_indices`` are the actors the ego cannot see at t = 0.
+    """
+
+    name: str
+    layout: RoadLayout
+    actors: list[ActorSpec]
+    signal_plan: SignalPlan = field(default_factory=SignalPlan)
+    ego_index: int = 0
+    hidden_indices: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _vehicle(
+    kind: ActorKind,
+    role: Role,
+    rng: np.random.Generator,
+    route: str,
+    s: float,
+    speed: float,
+    desired: float | None = None,
+    **kw,
+) -> ActorSpec:
+    return ActorSpec(
+        kind=kind,
+        role=role,
+        extent=sample_extent(kind, rng),
+        route=route,
+        s=float(s),
+        speed=float(speed),
+        desired_speed=float(speed if desired is None else desired),
+        **kw,
+    )
+
+
+def _xy(layout: RoadLayout, a: ActorSpec) -> np.ndarray:
+    if a.pose is not None:
+        return np.array(a.pose[:2])
+    return layout.route(a.route).point(a.s)
+
+
+def _free(layout: RoadLayout, actors: list[ActorSpec], xy: np.ndarray, length: float, clearance: float) -> bool:
+    """True if a vehicle of ``length`` centred at ``xy`` keeps ``clearance`` from every actor."""
+    for a in actors:
+        if np.linalg.norm(_xy(layout, a) - xy) < (a.extent[0] + length) / 2.0 + clearance:
+            return False
+    return True
+
+
+def _add_background(
+    layout: RoadLayout,
+    actors: list[ActorSpec],
+    routes: list[str],
+    params: ScenarioParams,
+    rng: np.random.Generator,
+    s_max: dict[str, float] | None = None,
+    clearance: float = 6.0,
+) -> None:
+    """Fill ``routes`` with human-driven traffic at ``params.traffic_density`` vehicles per 100 m.
+
+    Headways are exponential (a Poisson stream) with a minimum gap; vehicles that would come within
+    ``clearance`` of an existing actor are skipped.
+    """
+    if params.traffic_density <= 0:
+        return
+    mean_spacing = 100.0 / params.traffic_density
+    for name in routes:
+        route = layout.route(name)
+        limit = (s_max or {}).get(name, route.length - 20.0)
+        s = rng.uniform(0.0, mean_spacing)
+        while s < limit:
+            kind = _sample_kind(rng)
+            spec = _vehicle(kind, Role.HUMAN, rng, name, s, 0.0)
+            speed = route.speed_limit * rng.uniform(0.75, 1.0) * params.speed_scale
+            spec.speed, spec.desired_speed = speed, speed
+            if _free(layout, actors, route.point(s), spec.extent[0], clearance):
+                actors.append(spec)
+            s += spec.extent[0] + 6.0 + rng.exponential(mean_spacing)
+
+
+def _add_parked(layout: RoadLayout, actors: list[ActorSpec], params: ScenarioParams, rng: np.random.Generator):
+    for x, y, yaw in layout.parking_spots:
+        if rng.uniform() < params.parked_fraction:
+            kind = ActorKind.CAR if rng.uniform() < 0.85 else ActorKind.VAN
+            spec = ActorSpec(kind=kind, role=Role.PARKED, extent=sample_extent(kind, rng), pose=(x, y, yaw))
+            if _free(layout, actors, np.array([x, y]), spec.extent[0], 1.0):
+                actors.append(spec)
+
+
+def _promote_cavs(layout: RoadLayout, actors: list[ActorSpec], wanted: int, ego_xy: np.ndarray) -> None:
+    """Turn the background vehicles nearest the ego into connected vehicles until ``wanted`` exist."""
+    have = sum(a.role is Role.CONNECTED for a in actors)
+    candidates = [i for i, a in enumerate(actors) if a.role is Role.HUMAN and a.tag == ""]
+    candidates.sort(key=lambda i: float(np.linalg.norm(_xy(layout, actors[i]) - ego_xy)))
+    for i in candidates[: max(wanted - have, 0)]:
+        actors[i].role = Role.CONNECTED
+        actors[i].tag = "cav"
+    have = sum(a.role is Role.CONNECTED for a in actors)
+    if have < wanted:
+        raise ValueError(
+            f"could place only {have} connected vehicles, {wanted} requested; raise traffic_density"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# scenarios
+# --------------------------------------------------------------------------------------------------
+
+
+def overtaking(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
+    layout = make_layout("two_lane_road", rng)
+    k = params.speed_scale
+    east, west = layout.route("E"), layout.route("W")
+    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E", rng.uniform(140.0, 170.0), 7.0 * k,
+                   east.speed_limit * k, tag="ego")
+    truck = _vehicle(ActorKind.TRUCK, Role.HUMAN, rng, "E", 0.0, rng.uniform(3.5, 5.5) * k, tag="occluder")
+    truck.s = ego.s + (ego.extent[0] + truck.extent[0]) / 2.0 + rng.uniform(4.0, 7.0)
+    x_truck = east.point(truck.s)[0]
+    x_hidden = x_truck + rng.uniform(25.0, 40.0)
+    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "W", west.project(np.array([[x_hidden, 1.75]]))[0][0],
+                      rng.uniform(9.0, 12.0) * k, tag="hidden")
+    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E", truck.s + truck.extent[0] / 2 + rng.uniform(15.0, 22.0),
+                       rng.uniform(8.0, 11.0) * k, tag="witness")
+    actors = [ego, witness, truck, hidden]
+    _add_background(layout, actors, ["E", "W"], params, rng, clearance=12.0)
+    _add_parked(layout, actors, params, rng)
+    _promote_cavs(layout, actors, params.cavs or 2, _xy(layout, ego))
+    return ScenarioSpec("overtaking", layout, actors, ego_index=0, hidden_indices=(3,))
+
+
+def left_turn(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
+    layout = make_layout("intersection", rng)
+    k = params.speed_scale
+    arm_stop = layout.route("S_left").stop_lines[0][0]  # arc length of every approach's stop line
+    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "S_left", arm_stop + rng.uniform(2.5, 4.5), 2.0 * k,
+                   8.0 * k, tag="ego")
+    truck = _vehicle(ActorKind.TRUCK, Role.HUMAN, rng, "N_left", 0.0, 0.0, 6.0 * k,
+                     hold_until=rng.uniform(6.0, 9.0), tag="occluder")
+    truck.s = arm_stop + rng.uniform(0.5, 1.5)  # centre just past its stop line, nose in the box
+    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "N_straight", arm_stop - rng.uniform(18.0, 28.0),
+                      rng.uniform(9.0, 12.0) * k, tag="hidden")
+    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "N_straight", hidden.s - rng.uniform(14.0, 20.0),
+                       hidden.speed, tag="witness")
+    actors = [ego, witness, truck, hidden]
+    # background on through and right-turn routes only, away from the intersection
+    routes = [f"{a}_{m}" for a in ("S", "E", "W", "N") for m in ("straight", "straight_inner", "right")]
+    s_max = {r: arm_stop - 35.0 for r in routes}
+    _add_background(layout, actors, routes, params, rng, s_max=s_max, clearance=10.0)
+    _promote_cavs(layout, actors, params.cavs or 2, _xy(layout, ego))
+    plan = SignalPlan(offset=2.0)  # north-south green since 2 s
+    return ScenarioSpec("left_turn", layout, actors, signal_plan=plan, ego_index=0, hidden_indices=(3,))
+
+
+def red_light(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
+    layout = make_layout("intersection", rng)
+    k = params.speed_scale
+    arm_stop = layout.route("W_straight").stop_lines[0][0]
+    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "W_straight_inner", arm_stop - rng.uniform(20.0, 26.0),
+                   rng.uniform(9.0, 11.0) * k, tag="ego")
+    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "N_straight_inner", arm_stop - rng.uniform(3.0, 6.0),
+                       0.0, 8.0 * k, tag="witness")
+    # the queue in the outer lane beside the ego, first vehicle at the stop line, held for a while
+    queue = []
+    s_front = arm_stop
+    for kind in (ActorKind.VAN, ActorKind.TRUCK, ActorKind.BUS):
+        q = _vehicle(kind, Role.HUMAN, rng, "W_straight", 0.0, 0.0, 8.0 * k,
+                     hold_until=rng.uniform(8.0, 12.0), tag="occluder")
+        q.s = s_front - q.extent[0] / 2.0 - 0.5
+        s_front = q.s - q.extent[0] / 2.0 - rng.uniform(1.5, 3.0)
+        queue.append(q)
+    runner = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "S_straight", arm_stop - rng.uniform(22.0, 32.0),
+                      rng.uniform(11.0, 14.0) * k, ignore_signals=True, tag="hidden")
+    actors = [ego, witness, *queue, runner]
+    hidden_index = len(actors) - 1
+    routes = [f"{a}_{m}" for a in ("W", "E", "N") for m in ("straight", "straight_inner", "right")]
+    s_max = {r: arm_stop - 40.0 for r in routes}
+    _add_background(layout, actors, routes, params, rng, s_max=s_max, clearance=10.0)
+    _promote_cavs(layout, actors, params.cavs or 2, _xy(layout, ego))
+    plan = SignalPlan(offset=SignalPlan().cycle / 2.0 + 3.0)  # east-west green since 3 s
+    return ScenarioSpec("red_light", layout, actors, signal_plan=plan, ego_index=0, hidden_indices=(hidden_index,))
+
+
+def merge(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
+    layout = make_layout("highway", rng)
+    k = params.speed_scale
+    ramp, e0 = layout.route("ramp"), layout.route("E0")
+    x_ego = rng.uniform(-115.0, -100.0)
+    ego_s = float(ramp.project(np.array([[x_ego, -20.0]]))[0][0])
+    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "ramp", ego_s, rng.uniform(15.0, 18.0) * k, tag="ego")
+    x_hidden = x_ego + rng.uniform(-10.0, 15.0)
+    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "E0", e0.project(np.array([[x_hidden, -5.25]]))[0][0],
+                      rng.uniform(24.0, 27.0) * k, tag="hidden")
+    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E0", hidden.s - rng.uniform(25.0, 35.0),
+                       hidden.speed, tag="witness")
+    witness2 = _vehicle(ActorKind.VAN, Role.CONNECTED, rng, "E1", hidden.s + rng.uniform(-10.0, 10.0),
+                        rng.uniform(26.0, 29.0) * k, tag="witness")
+    ramp_follower = _vehicle(_sample_kind(rng), Role.HUMAN, rng, "ramp", ego.s - rng.uniform(25.0, 40.0),
+                             ego.speed, 22.0 * k)
+    actors = [ego, witness, witness2, hidden, ramp_follower]
+    _add_background(layout, actors, ["E0", "E1", "W0", "W1"], params, rng, clearance=15.0)
+    _promote_cavs(layout, actors, params.cavs or 3, _xy(layout, ego))
+    return ScenarioSpec("merge", layout, actors, ego_index=0, hidden_indices=(3,))
+
+
+def random_traffic(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
+    layout = make_layout("intersection", rng)
+    dense = ScenarioParams(
+        cavs=params.cavs, traffic_density=params.traffic_density * 2.0, speed_scale=params.speed_scale
+    )
+    routes = [f"{a}_{m}" for a in ("S", "E", "N", "W") for m in ("straight", "straight_inner", "right")]
+    actors: list[ActorSpec] = []
+    _add_background(layout, actors, routes, dense, rng, clearance=4.0)
+    if not actors:
+        raise ValueError("random_traffic needs traffic_density > 0")
+    # the ego: the background vehicle closest to the intersection centre
+    ego_i = int(np.argmin([np.linalg.norm(_xy(layout, a)) for a in actors]))
+    actors.insert(0, actors.pop(ego_i))
+    actors[0].role, actors[0].tag = Role.CONNECTED, "ego"
+    _promote_cavs(layout, actors, params.cavs or 5, _xy(layout, actors[0]))
+    plan = SignalPlan(offset=float(rng.uniform(0.0, SignalPlan().cycle)))
+    return ScenarioSpec("random_traffic", layout, actors, signal_plan=plan, ego_index=0)
+
+
+def build_scenario(name: str, rng: np.random.Generator, params: ScenarioParams | None = None) -> ScenarioSpec:
+    """Sample scenario ``name``; ``ValueError`` lists the valid names."""
+    params = params or ScenarioParams()
+    params.validate()
+    match name:
+        case "overtaking":
+            return overtaking(rng, params)
+        case "left_turn":
+            return left_turn(rng, params)
+        case "red_light":
+            return red_light(rng, params)
+        case "merge":
+            return merge(rng, params)
+        case "random_traffic":
+            return random_traffic(rng, params)
+    raise ValueError(f"unknown scenario {name!r}; valid scenarios: {list(SCENARIOS)}")

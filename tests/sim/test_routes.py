@@ -1,0 +1,78 @@
+"""Routes and road layouts: arc-length queries, projections, signals, connectivity."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.roads import LAYOUTS, SignalPlan, make_layout
+from sim.routes import Route, arc, line, polyline
+
+
+@given(st.floats(0.0, 1.0), st.floats(-3.0, 3.0))
+@settings(max_examples=60, deadline=None)
+def test_project_inverts_point_with_lateral_offset(fraction, offset):
+    route = Route("r", polyline(line((0, 0), (20, 0)), arc((20, 10), 10.0, -np.pi / 2, 0.0)))
+    s = fraction * route.length
+    heading = route.heading(s)
+    p = route.point(s) + offset * np.array([-np.sin(heading), np.cos(heading)])
+    s_back, lateral = route.project(p[None])
+    # on the arc, offsets towards the centre can snap to another point only if |offset| > radius
+    assert s_back[0] == pytest.approx(s, abs=0.05 + abs(offset) * 0.05)
+    assert lateral[0] == pytest.approx(offset, abs=0.05)
+
+
+def test_route_rejects_bad_input():
+    with pytest.raises(ValueError):
+        Route("bad", np.zeros((1, 2)))
+    with pytest.raises(ValueError):
+        Route("dup", np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))
+
+
+def test_signal_plan_phases():
+    plan = SignalPlan(green=10, yellow=3, all_red=2, offset=0)
+    assert plan.cycle == 30
+    assert [plan.state(0, t) for t in (0, 9.9, 10, 12.9, 13, 14.9)] == ["green"] * 2 + ["yellow"] * 2 + ["red"] * 2
+    assert [plan.state(1, t) for t in (0, 14.9, 15, 25, 28)] == ["red", "red", "green", "yellow", "red"]
+    # never both green
+    for t in np.arange(0, 60, 0.1):
+        assert not (plan.state(0, t) == "green" and plan.state(1, t) == "green")
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layouts_are_drivable(name):
+    layout = make_layout(name, np.random.default_rng(0))
+    assert layout.routes
+    for route in layout.routes.values():
+        steps = np.diff(route.s)
+        assert steps.max() <= 1.01, route.name
+        # no kinks sharper than a turn of radius ~3 m sampled at 0.5 m
+        turn = np.abs(np.diff(np.unwrap(np.arctan2(route.seg_dir[:, 1], route.seg_dir[:, 0]))))
+        assert turn.max() < 0.2, route.name
+    assert layout.static_boxes.shape[1] == 7 and np.all(layout.static_boxes[:, 3:6] > 0)
+    assert len(layout.static_semantic) == len(layout.static_boxes)
+
+
+def test_intersection_turns_end_in_the_right_lanes():
+    layout = make_layout("intersection", np.random.default_rng(0))
+    left = layout.route("S_left")  # northbound, turns west
+    assert np.degrees(left.heading(0.0)) == pytest.approx(90.0)
+    assert np.degrees(left.heading(left.length)) == pytest.approx(180.0, abs=1.0)
+    assert left.xy[-1, 1] == pytest.approx(1.75)  # inner westbound lane
+    right = layout.route("E_right")  # from the east heading west, turns north
+    assert np.degrees(right.heading(right.length)) == pytest.approx(90.0, abs=1.0)
+    assert right.xy[-1, 0] == pytest.approx(5.25)  # outer northbound lane
+
+
+def test_highway_ramp_joins_the_right_lane():
+    layout = make_layout("highway", np.random.default_rng(0))
+    ramp, e0 = layout.route("ramp"), layout.route("E0")
+    target, s_start, s_end = ramp.merge
+    assert target == "E0" and 0 < s_start < s_end < ramp.length
+    _, lateral = e0.project(ramp.xy[-5:])
+    assert np.allclose(lateral, 0.0, atol=1e-6)
+
+
+def test_bad_layout_name_lists_choices():
+    with pytest.raises(ValueError, match="valid layouts"):
+        make_layout("roundabout", np.random.default_rng(0))

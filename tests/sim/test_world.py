@@ -1,0 +1,136 @@
+"""The embedded World: the shared World suite, every scenario, occlusion, traffic and collisions."""
+
+import numpy as np
+import pytest
+import world_suite
+
+from sim.scenarios import SCENARIOS
+from sim.types import Role, VehicleControl
+from sim.world import EmbeddedWorld, make_world
+
+
+def _make(scenario: str) -> EmbeddedWorld:
+    return make_world(scenario, lidar="tiny", traffic_density=0.5)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_world_suite_reset(scenario):
+    world_suite.check_reset_frame(_make(scenario))
+
+
+def test_world_suite_step():
+    world_suite.check_step_advances_time(_make("overtaking"))
+
+
+@pytest.mark.parametrize("scenario", ["overtaking", "merge"])
+def test_world_suite_deterministic(scenario):
+    world_suite.check_deterministic(_make, scenario)
+
+
+def test_world_suite_actions():
+    world_suite.check_ego_obeys_actions(_make("overtaking"))
+
+
+def test_world_suite_bad_use():
+    world_suite.check_rejects_bad_use(_make("red_light"))
+    with pytest.raises(RuntimeError, match="reset"):
+        _make("merge").step()
+
+
+def test_different_seeds_differ():
+    a = _make("random_traffic").reset(1)
+    b = _make("random_traffic").reset(2)
+    assert a.boxes_world.shape != b.boxes_world.shape or not np.allclose(a.boxes_world, b.boxes_world)
+
+
+def test_bad_names_and_parameters_list_the_choices():
+    with pytest.raises(ValueError, match="valid scenarios"):
+        make_world("roundabout")
+    with pytest.raises(ValueError, match="traffic_density"):
+        make_world("merge", traffic_density=-1.0)
+    with pytest.raises(ValueError, match="valid"):
+        make_world("merge", trafic_density=1.0)  # typo
+    with pytest.raises(ValueError, match="hdl64"):
+        make_world("merge", lidar="hdl65")
+
+
+@pytest.mark.parametrize("scenario", ["overtaking", "left_turn", "red_light", "merge"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hidden_danger_is_invisible_to_ego_and_seen_by_another_cav(scenario, seed):
+    world = make_world(scenario, lidar="hdl64")
+    frame = world.reset(seed)
+    assert frame.hidden_agent_ids, "scenario names no hidden actor"
+    index = {a.id: i for i, a in enumerate(frame.agents)}
+    for hidden in frame.hidden_agent_ids:
+        i = index[hidden]
+        ego_points = frame.points_in_box[frame.ego_id][i]
+        others = {cav: int(c[i]) for cav, c in frame.points_in_box.items() if cav != frame.ego_id}
+        assert ego_points == 0, f"ego sees the hidden actor with {ego_points} points"
+        assert max(others.values()) > 0, f"no other connected vehicle sees it: {others}"
+
+
+@pytest.mark.parametrize("cavs", [2, 4])
+def test_cav_count_is_respected(cavs):
+    frame = make_world("merge", lidar="tiny", cavs=max(cavs, 3)).reset(0)
+    assert len(frame.connected_ids) == max(cavs, 3)
+    frame = make_world("random_traffic", lidar="tiny", cavs=cavs).reset(0)
+    assert len(frame.connected_ids) == cavs
+
+
+def test_traffic_stops_at_red_and_runner_does_not():
+    world = make_world("red_light", lidar="tiny", traffic_density=0.0)
+    frame = world.reset(0)
+    runner = frame.hidden_agent_ids[0]
+    stop_y = -9.0  # south stop line of the crossing road
+    crossed = False
+    for _ in range(60):
+        frame = world.step()
+        if frame.agent(runner).T_world_from_agent[1, 3] > stop_y:
+            crossed = True
+    assert crossed, "the red-light runner must cross its red light"
+    assert frame.traffic_lights[0] == "red"  # its signal stayed red meanwhile
+
+
+def test_human_traffic_never_enters_the_intersection_on_red():
+    world = make_world("random_traffic", lidar="tiny", traffic_density=1.5)
+    world.reset(5)
+    plan = world.spec.signal_plan
+    last_front: dict[int, float] = {}
+    crossings = violations = 0
+    for _ in range(200):
+        frame = world.step()
+        for a in frame.agents:
+            if a.role is not Role.HUMAN:
+                continue
+            route = world.layout.route(world.spec.actors[a.id].route)
+            s_stop, signal = route.stop_lines[0]
+            front = route.project(a.T_world_from_agent[None, :2, 3])[0][0] + a.extent[0] / 2
+            before = last_front.get(a.id)
+            last_front[a.id] = front
+            if before is not None and before <= s_stop < front:
+                crossings += 1
+                # red now and already red 1.5 s ago: not a late decision on yellow
+                if plan.state(signal, frame.time_s) == "red" and plan.state(signal, frame.time_s - 1.5) == "red":
+                    violations += 1
+    assert crossings > 3, "the test needs traffic through the intersection"
+    assert violations == 0
+
+
+def test_rear_end_collision_is_reported():
+    world = make_world("overtaking", lidar="tiny", traffic_density=0.0)
+    frame = world.reset(0)
+    ego = frame.ego_id
+    truck = next(a.id for a in frame.agents if a.kind.value == "truck")
+    collisions = set()
+    for _ in range(40):
+        frame = world.step({ego: VehicleControl(acceleration=4.0)})
+        collisions |= set(frame.collisions)
+    assert (min(ego, truck), max(ego, truck)) in collisions
+
+
+def test_no_collisions_in_autopilot_traffic():
+    world = make_world("merge", lidar="tiny")
+    world.reset(0)
+    for _ in range(80):
+        frame = world.step()
+        assert not frame.collisions, frame.collisions
