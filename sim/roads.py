@@ -250,9 +250,9 @@ def highway(rng: np.random.Generator, half_length: float = 300.0) -> RoadLayout:
     """
     L = half_length
     y_e0, y_e1, y_acc = -1.5 * LANE_WIDTH, -0.5 * LANE_WIDTH, -2.5 * LANE_WIDTH
-    x = np.arange(-140.0, -60.0 + 1e-9, 1.0)
+    x = np.arange(-140.0, -60.0 + 1e-9, 0.5)
     ramp_rise = np.stack([x, y_acc - 30.0 * (1.0 + np.cos(np.pi * (x + 140.0) / 80.0)) / 2.0], axis=1)
-    x = np.arange(40.0, 80.0 + 1e-9, 1.0)
+    x = np.arange(40.0, 80.0 + 1e-9, 0.5)
     taper = np.stack([x, y_acc + (y_e0 - y_acc) * (1.0 - np.cos(np.pi * (x - 40.0) / 40.0)) / 2.0], axis=1)
     ramp_xy = polyline(
         line((-L, y_acc - 30.0), (-140.0, y_acc - 30.0)),

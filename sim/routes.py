@@ -69,27 +69,36 @@ class Route:
         d = self.seg_dir[i]
         return np.arctan2(d[..., 1], d[..., 0])
 
-    def project(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Project points onto the route.
+    def project(
+        self, xy: np.ndarray, s_range: tuple[float, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Project points onto the route (or onto the part of it within ``s_range``).
 
         Args:
             xy: (N, 2) world points.
+            s_range: optional (s_min, s_max) window; restricting the search makes the projection
+                unambiguous near a route that comes back close to itself, and cheaper.
 
         Returns:
             s: (N,) arc length of the closest point on the route.
             lateral: (N,) signed distance, positive to the left of the direction of travel.
         """
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-        a = self.xy[:-1]  # (K-1, 2)
-        rel = xy[:, None, :] - a[None]  # (N, K-1, 2)
-        seg_len = np.diff(self.s)
-        t = np.clip(np.einsum("nkd,kd->nk", rel, self.seg_dir), 0.0, seg_len[None])  # (N, K-1)
-        closest = a[None] + t[..., None] * self.seg_dir[None]
-        dist2 = np.sum((xy[:, None, :] - closest) ** 2, axis=-1)
+        k0, k1 = 0, len(self.seg_dir)
+        if s_range is not None:
+            k0 = int(np.clip(np.searchsorted(self.s, s_range[0], side="right") - 1, 0, k1 - 1))
+            k1 = int(np.clip(np.searchsorted(self.s, s_range[1], side="left"), k0 + 1, k1))
+        a = self.xy[k0:k1]  # (K, 2) segment starts
+        seg_dir = self.seg_dir[k0:k1]
+        seg_len = self.s[k0 + 1 : k1 + 1] - self.s[k0:k1]
+        rel = xy[:, None, :] - a[None]  # (N, K, 2)
+        t = np.clip(np.einsum("nkd,kd->nk", rel, seg_dir), 0.0, seg_len[None])  # (N, K)
+        off = rel - t[..., None] * seg_dir[None]
+        dist2 = np.einsum("nkd,nkd->nk", off, off)
         k = np.argmin(dist2, axis=1)
         n = np.arange(len(xy))
-        s = self.s[k] + t[n, k]
-        d = self.seg_dir[k]
+        s = self.s[k0 + k] + t[n, k]
+        d = seg_dir[k]
         r = rel[n, k]
         lateral = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
         return s, lateral

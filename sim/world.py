@@ -46,6 +46,7 @@ class _Vehicles:
     steering: np.ndarray
     desired_speed: np.ndarray
     route: list[str | None]
+    s: np.ndarray  # (N,) arc length along the route (progress)
     ignore_signals: np.ndarray  # (N,) bool
     hold_until: np.ndarray  # (N,) seconds
     active: np.ndarray  # (N,) bool: False once a human vehicle has left the map
@@ -110,6 +111,8 @@ class EmbeddedWorld:
         self._v: _Vehicles | None = None
         self._seed = 0
         self._frame = 0
+        self.sensors_enabled = True
+        """False skips LiDAR casting (scans and visibility are then empty), e.g. to fast-forward."""
 
     # ------------------------------------------------------------------------------------------
     # World protocol
@@ -190,6 +193,7 @@ class EmbeddedWorld:
             steering=np.zeros(n),
             desired_speed=np.array([a.desired_speed for a in spec.actors], dtype=np.float64),
             route=[a.route for a in spec.actors],
+            s=np.array([a.s for a in spec.actors], dtype=np.float64),
             ignore_signals=np.array([a.ignore_signals for a in spec.actors]),
             hold_until=np.array([a.hold_until for a in spec.actors], dtype=np.float64),
             active=np.ones(n, dtype=bool),
@@ -200,100 +204,109 @@ class EmbeddedWorld:
         return self.spec.signal_plan.state(signal_id, t)
 
     def _driver_model(self, t: float) -> tuple[np.ndarray, np.ndarray]:
-        """Acceleration and steering of every vehicle from the driver model, (N,) each."""
+        """Acceleration and steering of every vehicle from the driver model, (N,) each.
+
+        For each route, the vehicles on it look for the nearest constraint ahead: a vehicle whose
+        box overlaps their corridor, the stop line of a signal that is not green (on yellow only
+        if they can stop comfortably), the end of an on-ramp without a gap beside it, and for
+        connected vehicles the end of their route. IDM turns the nearest one into an
+        acceleration; pure pursuit on a speed-dependent look-ahead point gives the steering.
+        """
         v = self._v
         assert v is not None
         n = len(v.ids)
-        accel = np.zeros(n)
-        steer = np.zeros(n)
-        xy = np.stack([v.x, v.y], axis=1)
+        gap = np.full(n, np.inf)
+        closing = np.zeros(n)
+        target = np.stack([v.x, v.y], axis=1)  # pure-pursuit targets; parked/inactive keep their place
+        xy = target.copy()
         half_len, half_wid = v.extent[:, 0] / 2.0, v.extent[:, 1] / 2.0
+        on_road = v.active & np.array([r is not Role.PARKED for r in v.roles])
+        route_names = np.array([r or "" for r in v.route])
         for name in sorted({r for r in v.route if r is not None}):
             route = self.layout.route(name)
-            mine = np.flatnonzero(
-                np.array([r == name for r in v.route]) & v.active & np.array([r is not Role.PARKED for r in v.roles])
-            )
+            mine = np.flatnonzero((route_names == name) & on_road)
             if len(mine) == 0:
                 continue
-            s_all, lat_all = route.project(xy)  # everyone, on this route's coordinates
-            others = v.active
-            for i in mine:
-                s_i = s_all[i]
-                # leaders: vehicles ahead on this route whose boxes overlap our corridor
-                ahead = s_all - s_i
-                in_path = (
-                    others
-                    & (ahead > 0.0)
-                    & (ahead < _LOOKAHEAD_M)
-                    & (np.abs(lat_all) < half_wid[i] + half_wid + _LATERAL_MARGIN_M)
-                )
-                in_path[i] = False
-                gap, closing = np.inf, 0.0
-                if in_path.any():
-                    j_candidates = np.flatnonzero(in_path)
-                    gaps = ahead[j_candidates] - half_len[i] - half_len[j_candidates]
-                    k = int(np.argmin(gaps))
-                    j = j_candidates[k]
-                    gap = float(gaps[k])
-                    along = np.cos(v.yaw[j] - route.heading(s_all[j]))
-                    closing = float(v.speed[i] - v.speed[j] * along)
-                # stop lines of signals that are not green
-                if not v.ignore_signals[i]:
-                    for s_stop, signal_id in route.stop_lines:
-                        dist = s_stop - (s_i + half_len[i])
-                        if dist < -0.5:
-                            continue
-                        state = self._signal_state(signal_id, t)
-                        if state == "green":
-                            continue
-                        # on yellow, go on when stopping would need more than comfortable braking
-                        if state == "yellow" and v.speed[i] ** 2 / (2.0 * max(dist, 0.1)) > self.idm.comfortable_brake:
-                            continue
-                        if dist < gap:
-                            gap, closing = max(dist, 0.0), float(v.speed[i])
-                # on-ramp: wait at the end of the acceleration lane until the target lane has a gap
-                if route.merge is not None:
-                    gap, closing = self._merge_constraint(i, route, s_i, gap, closing, xy)
-                # connected vehicles stop at the end of their route; human ones drive off it
-                if v.roles[i] is Role.CONNECTED:
-                    dist_end = route.length - (s_i + half_len[i])
-                    if dist_end < gap:
-                        gap, closing = max(dist_end, 0.0), float(v.speed[i])
-                accel[i] = idm_acceleration(
-                    v.speed[i : i + 1], v.desired_speed[i : i + 1], np.array([gap]), np.array([closing]), self.idm
-                )[0]
-                if t < v.hold_until[i]:
-                    accel[i] = -MAX_BRAKE
-                lookahead = float(np.clip(0.9 * v.speed[i] + 3.0, 4.0, 25.0))
-                tx, ty = route.point(s_i + lookahead)
-                steer[i] = pure_pursuit_steering(
-                    v.x[i : i + 1], v.y[i : i + 1], v.yaw[i : i + 1], np.array([tx]), np.array([ty]),
-                    v.wheelbase[i : i + 1],
-                )[0]
-        return accel, steer
+            # everyone near this route's vehicles, in the route's coordinates, projected on the
+            # window of the route those vehicles can see (keeps the projection local and cheap)
+            dist = np.linalg.norm(xy[:, None, :] - xy[None, mine, :], axis=-1)  # (N, |mine|)
+            near = v.active & (dist.min(axis=1) < _LOOKAHEAD_M + 20.0)
+            window = (float(v.s[mine].min()) - 15.0, float(v.s[mine].max()) + _LOOKAHEAD_M + 15.0)
+            s_all = np.full(n, -np.inf)
+            lat_all = np.full(n, np.inf)
+            s_all[near], lat_all[near] = route.project(xy[near], s_range=window)
+            v.s[mine] = s_all[mine]
+            s_me = s_all[mine]
 
-    def _merge_constraint(
-        self, i: int, route, s_i: float, gap: float, closing: float, xy: np.ndarray
-    ) -> tuple[float, float]:
-        """Virtual stop at the merge point unless the target lane has a gap beside us."""
+            # leaders: vehicles ahead whose boxes overlap our corridor, (|mine|, N)
+            ahead = s_all[None, :] - s_me[:, None]
+            in_path = (
+                near[None, :]
+                & (ahead > 0.0)
+                & (ahead < _LOOKAHEAD_M)
+                & (np.abs(lat_all)[None, :] < half_wid[mine, None] + half_wid[None, :] + _LATERAL_MARGIN_M)
+            )
+            in_path[np.arange(len(mine)), mine] = False
+            gaps = np.where(in_path, ahead - half_len[mine, None] - half_len[None, :], np.inf)
+            leader = np.argmin(gaps, axis=1)
+            g = gaps[np.arange(len(mine)), leader]
+            along = np.cos(v.yaw[leader] - route.heading(np.clip(s_all[leader], 0.0, route.length)))
+            c = np.where(np.isfinite(g), v.speed[mine] - v.speed[leader] * along, 0.0)
+
+            def constrain(mask: np.ndarray, dist: np.ndarray, g=g, c=c, mine=mine) -> None:
+                """A virtual stopped obstacle ``dist`` ahead of the front bumper where ``mask``."""
+                take = mask & (dist < g)
+                g[take] = np.maximum(dist[take], 0.0)
+                c[take] = v.speed[mine][take]
+
+            front = s_me + half_len[mine]
+            for s_stop, signal_id in route.stop_lines:
+                state = self._signal_state(signal_id, t)
+                if state == "green":
+                    continue
+                dist_stop = s_stop - front
+                stop = (dist_stop >= -0.5) & ~v.ignore_signals[mine]
+                if state == "yellow":  # go on when stopping needs more than comfortable braking
+                    needed = v.speed[mine] ** 2 / (2.0 * np.maximum(dist_stop, 0.1))
+                    stop &= needed <= self.idm.comfortable_brake
+                constrain(stop, dist_stop)
+            if route.merge is not None:
+                constrain(self._merge_blocked(route, mine, s_me, xy), route.merge[2] - front)
+            connected = np.array([v.roles[i] is Role.CONNECTED for i in mine])
+            constrain(connected, route.length - front)  # connected vehicles stop at their route's end
+
+            gap[mine], closing[mine] = g, c
+            lookahead = np.clip(0.9 * v.speed[mine] + 3.0, 4.0, 25.0)
+            target[mine] = route.point(s_me + lookahead)
+
+        accel = idm_acceleration(v.speed, v.desired_speed, gap, closing, self.idm)
+        accel = np.where(t < v.hold_until, -MAX_BRAKE, accel)
+        steer = pure_pursuit_steering(v.x, v.y, v.yaw, target[:, 0], target[:, 1], v.wheelbase)
+        return np.where(on_road, accel, 0.0), np.where(on_road, steer, 0.0)
+
+    def _merge_blocked(self, route, mine: np.ndarray, s_me: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        """(|mine|,) True for ramp vehicles near the merge whose target lane has no gap beside them.
+
+        A gap: nobody on the target lane from 1.5 s behind (at their speed, at least 10 m) to 10 m
+        ahead of the merging vehicle.
+        """
         v = self._v
         target_name, s_start, s_end = route.merge
-        if not (s_start - 30.0 <= s_i <= s_end):
-            return gap, closing
+        blocked = np.zeros(len(mine), dtype=bool)
+        zone = (s_me >= s_start - 30.0) & (s_me <= s_end)
+        if not zone.any():
+            return blocked
         target = self.layout.route(target_name)
         s_target, lat_target = target.project(xy)
-        s_me, _ = target.project(xy[i : i + 1])
         on_target = v.active & (np.abs(lat_target) < 1.5)
-        on_target[i] = False
-        rel = s_target - s_me[0]
-        # a gap: nobody from 1.5 s behind (at their speed, at least 10 m) to 10 m ahead of us
         lag = np.maximum(10.0, 1.5 * v.speed) + v.extent[:, 0]
-        blocking = on_target & (rel > -lag) & (rel < 10.0 + v.extent[i, 0])
-        if blocking.any():
-            dist = s_end - (s_i + v.extent[i, 0] / 2.0)
-            if dist < gap:
-                return max(dist, 0.0), float(v.speed[i])
-        return gap, closing
+        for k in np.flatnonzero(zone):
+            i = mine[k]
+            rel = s_target - s_target[i]
+            others = on_target.copy()
+            others[i] = False
+            blocked[k] = bool(np.any(others & (rel > -lag) & (rel < 10.0 + v.extent[i, 0])))
+        return blocked
 
     def _retire_finished(self) -> None:
         """Human vehicles that have driven off the end of their route leave the world."""
@@ -354,7 +367,7 @@ class EmbeddedWorld:
         scans: dict[int, LidarScan] = {}
         points_in_box: dict[int, np.ndarray] = {}
         for agent in agents:
-            if not agent.connected:
+            if not agent.connected or not self.sensors_enabled:
                 continue
             T_agent_from_sensor = T_from_xyz_yaw(
                 self.lidar.mount_x, self.lidar.mount_y, agent.extent[2] + self.lidar.mount_z, 0.0
