@@ -773,6 +773,7 @@ class Manifest:
         cavs: ids of the connected vehicles that get a folder.
         lidar: :func:`lidar_dict` of the sensor configuration.
         dt: seconds per tick.
+        params: scenario parameters (``sim.scenarios.ScenarioParams`` fields) used by the World.
         generator_version: :data:`GENERATOR_VERSION` of the writer.
         created_by: ``"coopstack <version>"``.
         counts: what is on disk (see :func:`start_run`).
@@ -784,11 +785,12 @@ class Manifest:
     cavs: list[int]
     lidar: dict[str, Any]
     dt: float
+    params: dict[str, Any] = field(default_factory=dict)
     generator_version: str = GENERATOR_VERSION
     created_by: str = field(default_factory=lambda: f"coopstack {_package_version()}")
     counts: ManifestCounts = field(default_factory=ManifestCounts)
 
-    _IDENTITY = ("scenario", "seed", "frames", "cavs", "lidar", "dt", "generator_version")
+    _IDENTITY = ("scenario", "seed", "frames", "cavs", "lidar", "dt", "params", "generator_version")
 
     def validate(self) -> None:
         """Check values; raises ValueError (also for a lidar dict LidarConfig rejects)."""
@@ -820,6 +822,7 @@ class Manifest:
             "cavs": [int(c) for c in self.cavs],
             "lidar": {str(k): v for k, v in self.lidar.items()},
             "dt": float(self.dt),
+            "params": {str(k): v for k, v in sorted(self.params.items())},
             "generator_version": str(self.generator_version),
             "created_by": str(self.created_by),
             "counts": self.counts.to_dict(),
@@ -839,6 +842,7 @@ class Manifest:
             cavs=[int(c) for c in data["cavs"]],
             lidar=dict(data["lidar"]),
             dt=float(data["dt"]),
+            params=dict(data.get("params") or {}),
             generator_version=str(data["generator_version"]),
             created_by=str(data["created_by"]),
             counts=ManifestCounts(

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cavs=frame.connected_ids,
         lidar=lidar_dict(world.lidar),
         dt=world.dt,
+        params=dataclasses.asdict(world.params),
     )
     try:
         manifest, done = start_run(args.out, args.split, run_name, manifest)

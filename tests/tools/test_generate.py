@@ -76,3 +76,12 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert ok.returncode == 0, ok.stderr
     clash = run_generate("--scenario", "merge", "--frames", "1", "--out", str(tmp_path), "--lidar", "vlp16")
     assert clash.returncode == 2 and "other settings" in clash.stderr
+
+
+def test_scenario_parameters_are_part_of_a_runs_identity(tmp_path):
+    base = ["--scenario", "overtaking", "--frames", "1", "--out", str(tmp_path), "--lidar", "tiny"]
+    assert run_generate(*base).returncode == 0
+    manifest = read_manifest(tmp_path / "train" / "overtaking_s000000")
+    assert manifest.params["traffic_density"] == 1.0
+    clash = run_generate(*base, "--traffic-density", "2.0")
+    assert clash.returncode == 2 and "params" in clash.stderr
