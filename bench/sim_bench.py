@@ -82,7 +82,9 @@ def bench_highway_env(steps: int) -> dict[str, float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ticks", type=int, default=40, help="embedded ticks to time")
     parser.add_argument("--cavs", type=int, default=5, help="connected vehicles (each with a LiDAR)")
     parser.add_argument("--lidar", default="hdl64", help="LiDAR preset")

@@ -230,9 +230,7 @@ def boxes_to_carla(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
     location = np.stack([boxes[:, 0], -boxes[:, 1], boxes[:, 2] + boxes[:, 5] / 2.0], axis=1)
-    angle = np.stack(
-        [np.zeros(len(boxes)), -np.degrees(boxes[:, 6]), np.zeros(len(boxes))], axis=1
-    )
+    angle = np.stack([np.zeros(len(boxes)), -np.degrees(boxes[:, 6]), np.zeros(len(boxes))], axis=1)
     extent = boxes[:, 3:6] / 2.0
     return location, angle, extent
 

@@ -22,7 +22,7 @@ import numpy as np
 from sim.routes import Route, arc, line, polyline
 from sim.types import Semantic
 
-__all__ = ["LAYOUTS", "LANE_WIDTH", "RoadLayout", "SignalPlan", "make_layout"]
+__all__ = ["LANE_WIDTH", "LAYOUTS", "RoadLayout", "SignalPlan", "make_layout"]
 
 LANE_WIDTH = 3.5
 URBAN_SPEED = 13.9  # 50 km/h
@@ -89,7 +89,9 @@ class RoadLayout:
         try:
             return self.routes[name]
         except KeyError:
-            raise ValueError(f"layout {self.name!r} has no route {name!r}; routes: {sorted(self.routes)}") from None
+            raise ValueError(
+                f"layout {self.name!r} has no route {name!r}; routes: {sorted(self.routes)}"
+            ) from None
 
 
 def _strip(xy: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +160,11 @@ def two_lane_road(rng: np.random.Generator, half_length: float = 250.0) -> RoadL
         row = _building_row(rng, -L, L, 11.0, side)
         boxes += row
         semantic += [Semantic.BUILDING] * len(row)
-    spots = [(x, side * 4.75, 0.0 if side < 0 else np.pi) for side in (1, -1) for x in np.arange(-L + 10, L - 10, 7.0)]
+    spots = [
+        (x, side * 4.75, 0.0 if side < 0 else np.pi)
+        for side in (1, -1)
+        for x in np.arange(-L + 10, L - 10, 7.0)
+    ]
     return RoadLayout(
         name="two_lane_road",
         routes=routes,
@@ -270,9 +276,7 @@ def highway(rng: np.random.Generator, half_length: float = 300.0) -> RoadLayout:
     ramp = Route("ramp", ramp_xy, 22.2)
     s_acc_start, _ = ramp.project(np.array([[-60.0, y_acc]]))
     s_acc_end, _ = ramp.project(np.array([[40.0, y_acc]]))
-    routes["ramp"] = Route(
-        "ramp", ramp_xy, 22.2, merge=("E0", float(s_acc_start[0]), float(s_acc_end[0]))
-    )
+    routes["ramp"] = Route("ramp", ramp_xy, 22.2, merge=("E0", float(s_acc_start[0]), float(s_acc_end[0])))
     surfaces = [
         _strip(line((-L, -LANE_WIDTH), (L, -LANE_WIDTH), step=50.0), 2 * LANE_WIDTH + 3.0),
         _strip(line((-L, LANE_WIDTH), (L, LANE_WIDTH), step=50.0), 2 * LANE_WIDTH + 3.0),

@@ -164,7 +164,9 @@ def _xy(layout: RoadLayout, a: ActorSpec) -> np.ndarray:
     return layout.route(a.route).point(a.s)
 
 
-def _free(layout: RoadLayout, actors: list[ActorSpec], xy: np.ndarray, length: float, clearance: float) -> bool:
+def _free(
+    layout: RoadLayout, actors: list[ActorSpec], xy: np.ndarray, length: float, clearance: float
+) -> bool:
     """True if a vehicle of ``length`` centred at ``xy`` keeps ``clearance`` from every actor."""
     for a in actors:
         if np.linalg.norm(_xy(layout, a) - xy) < (a.extent[0] + length) / 2.0 + clearance:
@@ -203,7 +205,9 @@ def _add_background(
             s += spec.extent[0] + 6.0 + rng.exponential(mean_spacing)
 
 
-def _add_parked(layout: RoadLayout, actors: list[ActorSpec], params: ScenarioParams, rng: np.random.Generator):
+def _add_parked(
+    layout: RoadLayout, actors: list[ActorSpec], params: ScenarioParams, rng: np.random.Generator
+):
     for x, y, yaw in layout.parking_spots:
         if rng.uniform() < params.parked_fraction:
             kind = ActorKind.CAR if rng.uniform() < 0.85 else ActorKind.VAN
@@ -236,16 +240,38 @@ def overtaking(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec
     layout = make_layout("two_lane_road", rng)
     k = params.speed_scale
     east, west = layout.route("E"), layout.route("W")
-    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E", rng.uniform(140.0, 170.0), 7.0 * k,
-                   east.speed_limit * k, tag="ego")
+    ego = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "E",
+        rng.uniform(140.0, 170.0),
+        7.0 * k,
+        east.speed_limit * k,
+        tag="ego",
+    )
     truck = _vehicle(ActorKind.TRUCK, Role.HUMAN, rng, "E", 0.0, rng.uniform(3.5, 5.5) * k, tag="occluder")
     truck.s = ego.s + (ego.extent[0] + truck.extent[0]) / 2.0 + rng.uniform(4.0, 7.0)
     x_truck = east.point(truck.s)[0]
     x_hidden = x_truck + rng.uniform(25.0, 40.0)
-    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "W", west.project(np.array([[x_hidden, 1.75]]))[0][0],
-                      rng.uniform(9.0, 12.0) * k, tag="hidden")
-    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E", truck.s + truck.extent[0] / 2 + rng.uniform(15.0, 22.0),
-                       rng.uniform(8.0, 11.0) * k, tag="witness")
+    hidden = _vehicle(
+        ActorKind.CAR,
+        Role.HUMAN,
+        rng,
+        "W",
+        west.project(np.array([[x_hidden, 1.75]]))[0][0],
+        rng.uniform(9.0, 12.0) * k,
+        tag="hidden",
+    )
+    witness = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "E",
+        truck.s + truck.extent[0] / 2 + rng.uniform(15.0, 22.0),
+        rng.uniform(8.0, 11.0) * k,
+        tag="witness",
+    )
     actors = [ego, witness, truck, hidden]
     _add_background(layout, actors, ["E", "W"], params, rng, clearance=12.0)
     _add_parked(layout, actors, params, rng)
@@ -257,15 +283,46 @@ def left_turn(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
     layout = make_layout("intersection", rng)
     k = params.speed_scale
     arm_stop = layout.route("S_left").stop_lines[0][0]  # arc length of every approach's stop line
-    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "S_left", arm_stop + rng.uniform(2.5, 4.5), 2.0 * k,
-                   8.0 * k, tag="ego")
-    truck = _vehicle(ActorKind.TRUCK, Role.HUMAN, rng, "N_left", 0.0, 0.0, 6.0 * k,
-                     hold_until=rng.uniform(6.0, 9.0), tag="occluder")
+    ego = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "S_left",
+        arm_stop + rng.uniform(2.5, 4.5),
+        2.0 * k,
+        8.0 * k,
+        tag="ego",
+    )
+    truck = _vehicle(
+        ActorKind.TRUCK,
+        Role.HUMAN,
+        rng,
+        "N_left",
+        0.0,
+        0.0,
+        6.0 * k,
+        hold_until=rng.uniform(6.0, 9.0),
+        tag="occluder",
+    )
     truck.s = arm_stop + rng.uniform(0.5, 1.5)  # centre just past its stop line, nose in the box
-    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "N_straight", arm_stop - rng.uniform(18.0, 28.0),
-                      rng.uniform(9.0, 12.0) * k, tag="hidden")
-    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "N_straight", hidden.s - rng.uniform(14.0, 20.0),
-                       hidden.speed, tag="witness")
+    hidden = _vehicle(
+        ActorKind.CAR,
+        Role.HUMAN,
+        rng,
+        "N_straight",
+        arm_stop - rng.uniform(18.0, 28.0),
+        rng.uniform(9.0, 12.0) * k,
+        tag="hidden",
+    )
+    witness = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "N_straight",
+        hidden.s - rng.uniform(14.0, 20.0),
+        hidden.speed,
+        tag="witness",
+    )
     actors = [ego, witness, truck, hidden]
     # background on through and right-turn routes only, away from the intersection
     routes = [f"{a}_{m}" for a in ("S", "E", "W", "N") for m in ("straight", "straight_inner", "right")]
@@ -280,21 +337,53 @@ def red_light(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
     layout = make_layout("intersection", rng)
     k = params.speed_scale
     arm_stop = layout.route("W_straight").stop_lines[0][0]
-    ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "W_straight_inner", arm_stop - rng.uniform(20.0, 26.0),
-                   rng.uniform(9.0, 11.0) * k, tag="ego")
-    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "N_straight_inner", arm_stop - rng.uniform(3.0, 6.0),
-                       0.0, 8.0 * k, tag="witness")
+    ego = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "W_straight_inner",
+        arm_stop - rng.uniform(20.0, 26.0),
+        rng.uniform(9.0, 11.0) * k,
+        tag="ego",
+    )
+    witness = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "N_straight_inner",
+        arm_stop - rng.uniform(3.0, 6.0),
+        0.0,
+        8.0 * k,
+        tag="witness",
+    )
     # the queue in the outer lane beside the ego, first vehicle at the stop line, held for a while
     queue = []
     s_front = arm_stop
     for kind in (ActorKind.VAN, ActorKind.TRUCK, ActorKind.BUS):
-        q = _vehicle(kind, Role.HUMAN, rng, "W_straight", 0.0, 0.0, 8.0 * k,
-                     hold_until=rng.uniform(8.0, 12.0), tag="occluder")
+        q = _vehicle(
+            kind,
+            Role.HUMAN,
+            rng,
+            "W_straight",
+            0.0,
+            0.0,
+            8.0 * k,
+            hold_until=rng.uniform(8.0, 12.0),
+            tag="occluder",
+        )
         q.s = s_front - q.extent[0] / 2.0 - 0.5
         s_front = q.s - q.extent[0] / 2.0 - rng.uniform(1.5, 3.0)
         queue.append(q)
-    runner = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "S_straight", arm_stop - rng.uniform(22.0, 32.0),
-                      rng.uniform(11.0, 14.0) * k, ignore_signals=True, tag="hidden")
+    runner = _vehicle(
+        ActorKind.CAR,
+        Role.HUMAN,
+        rng,
+        "S_straight",
+        arm_stop - rng.uniform(22.0, 32.0),
+        rng.uniform(11.0, 14.0) * k,
+        ignore_signals=True,
+        tag="hidden",
+    )
     actors = [ego, witness, *queue, runner]
     hidden_index = len(actors) - 1
     routes = [f"{a}_{m}" for a in ("W", "E", "N") for m in ("straight", "straight_inner", "right")]
@@ -302,7 +391,9 @@ def red_light(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
     _add_background(layout, actors, routes, params, rng, s_max=s_max, clearance=10.0)
     _promote_cavs(layout, actors, params.cavs or 2, _xy(layout, ego))
     plan = SignalPlan(offset=SignalPlan().cycle / 2.0 + 3.0)  # east-west green since 3 s
-    return ScenarioSpec("red_light", layout, actors, signal_plan=plan, ego_index=0, hidden_indices=(hidden_index,))
+    return ScenarioSpec(
+        "red_light", layout, actors, signal_plan=plan, ego_index=0, hidden_indices=(hidden_index,)
+    )
 
 
 def merge(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
@@ -313,14 +404,36 @@ def merge(rng: np.random.Generator, params: ScenarioParams) -> ScenarioSpec:
     ego_s = float(ramp.project(np.array([[x_ego, -20.0]]))[0][0])
     ego = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "ramp", ego_s, rng.uniform(15.0, 18.0) * k, tag="ego")
     x_hidden = x_ego + rng.uniform(-10.0, 15.0)
-    hidden = _vehicle(ActorKind.CAR, Role.HUMAN, rng, "E0", e0.project(np.array([[x_hidden, -5.25]]))[0][0],
-                      rng.uniform(24.0, 27.0) * k, tag="hidden")
-    witness = _vehicle(ActorKind.CAR, Role.CONNECTED, rng, "E0", hidden.s - rng.uniform(25.0, 35.0),
-                       hidden.speed, tag="witness")
-    witness2 = _vehicle(ActorKind.VAN, Role.CONNECTED, rng, "E1", hidden.s + rng.uniform(-10.0, 10.0),
-                        rng.uniform(26.0, 29.0) * k, tag="witness")
-    ramp_follower = _vehicle(_sample_kind(rng), Role.HUMAN, rng, "ramp", ego.s - rng.uniform(25.0, 40.0),
-                             ego.speed, 22.0 * k)
+    hidden = _vehicle(
+        ActorKind.CAR,
+        Role.HUMAN,
+        rng,
+        "E0",
+        e0.project(np.array([[x_hidden, -5.25]]))[0][0],
+        rng.uniform(24.0, 27.0) * k,
+        tag="hidden",
+    )
+    witness = _vehicle(
+        ActorKind.CAR,
+        Role.CONNECTED,
+        rng,
+        "E0",
+        hidden.s - rng.uniform(25.0, 35.0),
+        hidden.speed,
+        tag="witness",
+    )
+    witness2 = _vehicle(
+        ActorKind.VAN,
+        Role.CONNECTED,
+        rng,
+        "E1",
+        hidden.s + rng.uniform(-10.0, 10.0),
+        rng.uniform(26.0, 29.0) * k,
+        tag="witness",
+    )
+    ramp_follower = _vehicle(
+        _sample_kind(rng), Role.HUMAN, rng, "ramp", ego.s - rng.uniform(25.0, 40.0), ego.speed, 22.0 * k
+    )
     actors = [ego, witness, witness2, hidden, ramp_follower]
     _add_background(layout, actors, ["E0", "E1", "W0", "W1"], params, rng, clearance=15.0)
     _promote_cavs(layout, actors, params.cavs or 3, _xy(layout, ego))

@@ -103,7 +103,7 @@ class LidarConfig:
 
     @property
     def columns(self) -> int:
-        return int(round(self.points_per_second / self.rotation_frequency / self.channels))
+        return round(self.points_per_second / self.rotation_frequency / self.channels)
 
     def validate(self) -> None:
         problems = []

@@ -19,5 +19,7 @@ def test_top_level_packages_come_from_this_repository(name):
 def test_import_datasets_resolves_to_ours_from_any_directory(tmp_path):
     # a fresh interpreter started outside the repository, as a user's script would be
     code = "import datasets, datasets.native; print(datasets.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert Path(out.stdout.strip()).resolve() == ROOT / "datasets" / "__init__.py"

@@ -18,14 +18,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets.native import Manifest, counts_of_scene_frame, lidar_dict, start_run, write_manifest, write_scene_frame
+from datasets.native import (
+    Manifest,
+    counts_of_scene_frame,
+    lidar_dict,
+    start_run,
+    write_manifest,
+    write_scene_frame,
+)
 from sim.lidar import LIDAR_PRESETS
 from sim.scenarios import SCENARIOS
 from sim.world import make_world
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenario", required=True, help=f"one of: {', '.join(SCENARIOS)}")
     parser.add_argument("--frames", type=int, required=True, help="frames to write (10 per simulated second)")
     parser.add_argument("--seed", type=int, default=0, help="scenario seed; same seed, same bytes")
@@ -33,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cavs", type=int, default=None, help="connected vehicles (default: the scenario's)")
     parser.add_argument("--split", default="train", help="split folder (train, validate, test)")
     parser.add_argument("--lidar", default="hdl64", help=f"LiDAR preset: {', '.join(LIDAR_PRESETS)}")
-    parser.add_argument("--traffic-density", type=float, default=1.0, help="background vehicles per 100 m of lane")
+    parser.add_argument(
+        "--traffic-density", type=float, default=1.0, help="background vehicles per 100 m of lane"
+    )
     parser.add_argument("--run-name", default=None, help="run folder name (default: <scenario>_s<seed:06d>)")
     args = parser.parse_args(argv)
     if args.scenario not in SCENARIOS:
@@ -49,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_name = args.run_name or f"{args.scenario}_s{args.seed:06d}"
     try:
-        world = make_world(args.scenario, lidar=args.lidar, cavs=args.cavs, traffic_density=args.traffic_density)
+        world = make_world(
+            args.scenario, lidar=args.lidar, cavs=args.cavs, traffic_density=args.traffic_density
+        )
         frame = world.reset(args.seed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

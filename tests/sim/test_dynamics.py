@@ -73,12 +73,18 @@ def test_pure_pursuit_converges_onto_a_lane():
 def test_idm_free_road_and_equilibrium():
     p = IDMParams()
     # at rest on a free road it accelerates at a; at the desired speed it stops accelerating
-    assert idm_acceleration(np.array([0.0]), np.array([10.0]), np.array([np.inf]), np.zeros(1), p)[0] == pytest.approx(p.max_accel)
-    assert idm_acceleration(np.array([10.0]), np.array([10.0]), np.array([np.inf]), np.zeros(1), p)[0] == pytest.approx(0.0)
+    assert idm_acceleration(np.array([0.0]), np.array([10.0]), np.array([np.inf]), np.zeros(1), p)[
+        0
+    ] == pytest.approx(p.max_accel)
+    assert idm_acceleration(np.array([10.0]), np.array([10.0]), np.array([np.inf]), np.zeros(1), p)[
+        0
+    ] == pytest.approx(0.0)
     # behind a leader at the same speed, the equilibrium gap gives zero acceleration
     v, v0 = 8.0, 12.0
     s_eq = (p.min_gap + v * p.time_headway) / np.sqrt(1 - (v / v0) ** p.delta)
-    assert idm_acceleration(np.array([v]), np.array([v0]), np.array([s_eq]), np.zeros(1), p)[0] == pytest.approx(0.0, abs=1e-9)
+    assert idm_acceleration(np.array([v]), np.array([v0]), np.array([s_eq]), np.zeros(1), p)[
+        0
+    ] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("speed", [5.0, 10.0, 14.0])

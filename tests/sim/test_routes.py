@@ -32,7 +32,9 @@ def test_route_rejects_bad_input():
 def test_signal_plan_phases():
     plan = SignalPlan(green=10, yellow=3, all_red=2, offset=0)
     assert plan.cycle == 30
-    assert [plan.state(0, t) for t in (0, 9.9, 10, 12.9, 13, 14.9)] == ["green"] * 2 + ["yellow"] * 2 + ["red"] * 2
+    assert [plan.state(0, t) for t in (0, 9.9, 10, 12.9, 13, 14.9)] == ["green"] * 2 + ["yellow"] * 2 + [
+        "red"
+    ] * 2
     assert [plan.state(1, t) for t in (0, 14.9, 15, 25, 28)] == ["red", "red", "green", "yellow", "red"]
     # never both green
     for t in np.arange(0, 60, 0.1):

@@ -110,7 +110,10 @@ def test_human_traffic_never_enters_the_intersection_on_red():
             if before is not None and before <= s_stop < front:
                 crossings += 1
                 # red now and already red 1.5 s ago: not a late decision on yellow
-                if plan.state(signal, frame.time_s) == "red" and plan.state(signal, frame.time_s - 1.5) == "red":
+                if (
+                    plan.state(signal, frame.time_s) == "red"
+                    and plan.state(signal, frame.time_s - 1.5) == "red"
+                ):
                     violations += 1
     assert crossings > 3, "the test needs traffic through the intersection"
     assert violations == 0

@@ -25,7 +25,9 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_scenario_generates_frames(tmp_path, scenario):
-    out = run_generate("--scenario", scenario, "--frames", "2", "--seed", "1", "--out", str(tmp_path), "--lidar", "tiny")
+    out = run_generate(
+        "--scenario", scenario, "--frames", "2", "--seed", "1", "--out", str(tmp_path), "--lidar", "tiny"
+    )
     assert out.returncode == 0, out.stderr
     run = tmp_path / "train" / f"{scenario}_s000001"
     cavs = list_cavs(run)
@@ -59,7 +61,10 @@ def test_same_seed_same_bytes_and_resume_after_interruption(tmp_path):
     assert tree_bytes(tmp_path / "b").keys() == a.keys()
     resumed = tree_bytes(tmp_path / "b")
     assert [k for k in a if a[k] != resumed[k] and not k.endswith("manifest.yaml")] == []
-    assert read_manifest(run).counts.to_dict() == read_manifest(tmp_path / "a" / "train" / "red_light_s000007").counts.to_dict()
+    assert (
+        read_manifest(run).counts.to_dict()
+        == read_manifest(tmp_path / "a" / "train" / "red_light_s000007").counts.to_dict()
+    )
 
 
 def test_bad_arguments_give_clear_errors(tmp_path):
@@ -69,7 +74,9 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert out.returncode != 0 and "hdl64" in out.stderr
     out = run_generate("--scenario", "merge", "--frames", "0", "--out", str(tmp_path))
     assert out.returncode != 0 and "--frames" in out.stderr
-    out = run_generate("--scenario", "merge", "--frames", "1", "--out", str(tmp_path), "--traffic-density", "-2")
+    out = run_generate(
+        "--scenario", "merge", "--frames", "1", "--out", str(tmp_path), "--traffic-density", "-2"
+    )
     assert out.returncode == 2 and "traffic_density" in out.stderr
     # a run is never continued with other settings
     ok = run_generate("--scenario", "merge", "--frames", "1", "--out", str(tmp_path), "--lidar", "tiny")
