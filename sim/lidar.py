@@ -64,7 +64,8 @@ __all__ = [
 LIDAR_PRESETS: dict[str, LidarConfig] = {
     # Velodyne HDL-64E: 64 lasers over +2.0 .. -24.9 degrees (evenly spaced here, as CARLA spaces
     # them; the real sensor has two blocks of different pitch), 2048 azimuths per turn at 10 Hz.
-    # Attenuation and drop-off are CARLA's defaults (the LidarConfig defaults).
+    # Attenuation and intensity drop-off are CARLA's defaults; the general drop-off is OPV2V's 0.1
+    # rather than CARLA's 0.45, since a physical sensor returns nearly every ray.
     "hdl64": LidarConfig(
         channels=64,
         range=120.0,
@@ -72,6 +73,7 @@ LIDAR_PRESETS: dict[str, LidarConfig] = {
         rotation_frequency=10.0,
         upper_fov=2.0,
         lower_fov=-24.9,
+        dropoff_general_rate=0.1,
     ),
     # OPV2V's LiDAR as recorded in its per-scenario ``data_protocol.yaml`` (e.g. the copy of scenario
     # 2021_08_18_19_48_05 in OpenCDA's opencda/scenario_testing/config_yaml/): 64 channels,

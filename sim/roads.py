@@ -22,7 +22,7 @@ import numpy as np
 from sim.routes import Route, arc, line, polyline
 from sim.types import Semantic
 
-__all__ = ["LANE_WIDTH", "LAYOUTS", "RoadLayout", "SignalPlan", "make_layout"]
+__all__ = ["LANE_WIDTH", "LAYOUTS", "GroundRaster", "RoadLayout", "SignalPlan", "make_layout"]
 
 LANE_WIDTH = 3.5
 URBAN_SPEED = 13.9  # 50 km/h
@@ -58,6 +58,31 @@ class SignalPlan:
         return "red"
 
 
+@dataclass(frozen=True)
+class GroundRaster:
+    """Semantic class of the ground (ROAD or TERRAIN) on a regular grid.
+
+    Attributes:
+        origin_xy: world (x, y) of the grid's corner (cell [0, 0]'s lower-left corner).
+        resolution: metres per cell.
+        semantic: (rows, cols) uint8, row index along y, column index along x.
+    """
+
+    origin_xy: tuple[float, float]
+    resolution: float
+    semantic: np.ndarray
+
+    def lookup(self, xy: np.ndarray) -> np.ndarray:
+        """(N,) uint8 class at world points (N, 2); outside the grid: TERRAIN."""
+        col = np.floor((xy[:, 0] - self.origin_xy[0]) / self.resolution).astype(np.int64)
+        row = np.floor((xy[:, 1] - self.origin_xy[1]) / self.resolution).astype(np.int64)
+        rows, cols = self.semantic.shape
+        inside = (row >= 0) & (row < rows) & (col >= 0) & (col < cols)
+        out = np.full(len(xy), Semantic.TERRAIN, dtype=np.uint8)
+        out[inside] = self.semantic[row[inside], col[inside]]
+        return out
+
+
 @dataclass
 class RoadLayout:
     """A road network and its static scenery.
@@ -65,8 +90,8 @@ class RoadLayout:
     Attributes:
         name: one of :data:`LAYOUTS`.
         routes: drivable centrelines by name.
-        surfaces: road-surface strips as (K, 2) left edge / right edge pairs, each (K, 2) float64,
-            drawn at ground level with semantic ROAD.
+        surfaces: road-surface strips as (K, 2) left edge / right edge pairs, each (K, 2) float64;
+            they label the flat ground as ROAD through :meth:`ground_raster`.
         static_boxes: (B, 7) bottom-centre boxes of buildings, walls and curbs.
         static_semantic: (B,) uint8 semantic class of each static box.
         signals: signal ids present (empty when the layout has no traffic lights).
@@ -84,6 +109,24 @@ class RoadLayout:
     signal_plan: SignalPlan = field(default_factory=SignalPlan)
     extent: tuple[float, float, float, float] = (-300.0, 300.0, -300.0, 300.0)
     parking_spots: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+
+    def ground_raster(self, resolution: float = 0.25) -> GroundRaster:
+        """Rasterise the road surfaces over the layout's extent (see :class:`GroundRaster`)."""
+        from PIL import Image, ImageDraw  # Pillow: polygon fill, a dependency of matplotlib
+
+        x0, x1, y0, y1 = self.extent
+        width = int(np.ceil((x1 - x0) / resolution))
+        height = int(np.ceil((y1 - y0) / resolution))
+        image = Image.new("L", (width, height), int(Semantic.TERRAIN))
+        draw = ImageDraw.Draw(image)
+        for left, right in self.surfaces:
+            for k in range(len(left) - 1):
+                quad = np.stack([left[k], left[k + 1], right[k + 1], right[k]])
+                pixels = (quad - np.array([x0, y0])) / resolution  # column = x, row = y
+                draw.polygon([tuple(p) for p in pixels], fill=int(Semantic.ROAD))
+        return GroundRaster(
+            origin_xy=(x0, y0), resolution=resolution, semantic=np.asarray(image, dtype=np.uint8)
+        )
 
     def route(self, name: str) -> Route:
         try:

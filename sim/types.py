@@ -113,7 +113,7 @@ class LidarConfig:
             problems.append(f"range must be > 0, got {self.range}")
         if self.rotation_frequency <= 0:
             problems.append(f"rotation_frequency must be > 0, got {self.rotation_frequency}")
-        if self.columns < 1:
+        if self.channels >= 1 and self.rotation_frequency > 0 and self.columns < 1:
             problems.append("points_per_second / rotation_frequency / channels must be >= 1")
         if not self.lower_fov < self.upper_fov:
             problems.append(f"lower_fov ({self.lower_fov}) must be below upper_fov ({self.upper_fov})")
