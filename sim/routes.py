@@ -1,7 +1,8 @@
 """Routes: the polylines vehicles drive along, with arc-length queries.
 
-A route is a 2D centreline (lanes, turn arcs and lane connections concatenated) sampled densely
-enough (<= 1 m) that linear interpolation between samples is the geometry. Vehicles track a route
+A route is a 2D centreline (lanes, turn arcs and lane connections concatenated) given as a
+polyline: curves sampled densely enough (<= 0.5 m) that linear interpolation between samples is
+the geometry; vertices inside straight runs are dropped. Vehicles track a route
 with pure pursuit and measure gaps along it.
 
 Hand-written rather than taken from a library: what is needed is three vectorised numpy queries
@@ -50,6 +51,13 @@ class Route:
         seg_len = np.linalg.norm(seg, axis=1)
         if np.any(seg_len < 1e-9):
             raise ValueError(f"route {self.name!r} has repeated vertices")
+        # drop vertices inside straight runs: queries cost O(vertices), and straight lanes need two
+        d = seg / seg_len[:, None]
+        straight = np.abs(d[:-1, 0] * d[1:, 1] - d[:-1, 1] * d[1:, 0]) < 1e-9
+        straight &= np.einsum("kd,kd->k", d[:-1], d[1:]) > 0.0
+        xy = xy[np.concatenate([[True], ~straight, [True]])]
+        seg = np.diff(xy, axis=0)
+        seg_len = np.linalg.norm(seg, axis=1)
         object.__setattr__(self, "xy", xy)
         object.__setattr__(self, "s", np.concatenate([[0.0], np.cumsum(seg_len)]))
         object.__setattr__(self, "seg_dir", seg / seg_len[:, None])

@@ -377,7 +377,8 @@ class EmbeddedWorld:
             # ground hits (the only TERRAIN geometry is the ground plane) take the road raster's class
             ground = hits.semantic == Semantic.TERRAIN
             if ground.any():
-                xy = transform_points(T_world_from_sensor, hits.points[ground, :3])[:, :2]
+                R = T_world_from_sensor[:2, :3].astype(np.float32)  # world x, y rows only
+                xy = hits.points[ground, :3] @ R.T + T_world_from_sensor[:2, 3].astype(np.float32)
                 hits.semantic[ground] = self._ground.lookup(xy)
             scans[agent.id] = LidarScan(
                 agent_id=agent.id,

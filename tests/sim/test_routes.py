@@ -22,6 +22,13 @@ def test_project_inverts_point_with_lateral_offset(fraction, offset):
     assert lateral[0] == pytest.approx(offset, abs=0.05)
 
 
+def test_straight_runs_keep_only_their_ends():
+    route = Route("r", polyline(line((0, 0), (50, 0)), line((50, 0), (50, 30))))
+    assert route.xy.tolist() == [[0.0, 0.0], [50.0, 0.0], [50.0, 30.0]]
+    assert route.length == pytest.approx(80.0)
+    assert route.point(65.0).tolist() == pytest.approx([50.0, 15.0])
+
+
 def test_route_rejects_bad_input():
     with pytest.raises(ValueError):
         Route("bad", np.zeros((1, 2)))
@@ -46,11 +53,9 @@ def test_layouts_are_drivable(name):
     layout = make_layout(name, np.random.default_rng(0))
     assert layout.routes
     for route in layout.routes.values():
-        steps = np.diff(route.s)
-        assert steps.max() <= 1.01, route.name
         # no kinks sharper than a turn of radius ~3 m sampled at 0.5 m
         turn = np.abs(np.diff(np.unwrap(np.arctan2(route.seg_dir[:, 1], route.seg_dir[:, 0]))))
-        assert turn.max() < 0.2, route.name
+        assert turn.max(initial=0.0) < 0.2, route.name
     assert layout.static_boxes.shape[1] == 7 and np.all(layout.static_boxes[:, 3:6] > 0)
     assert len(layout.static_semantic) == len(layout.static_boxes)
 
@@ -71,7 +76,7 @@ def test_highway_ramp_joins_the_right_lane():
     ramp, e0 = layout.route("ramp"), layout.route("E0")
     target, s_start, s_end = ramp.merge
     assert target == "E0" and 0 < s_start < s_end < ramp.length
-    _, lateral = e0.project(ramp.xy[-5:])
+    _, lateral = e0.project(ramp.point(ramp.length - np.arange(0.0, 100.0, 10.0)))
     assert np.allclose(lateral, 0.0, atol=1e-6)
 
 
