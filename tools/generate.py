@@ -1,4 +1,4 @@
-"""Generate a cooperative-perception dataset with the embedded simulator.
+"""Generate a cooperative-perception dataset with the embedded simulator or a CARLA server.
 
 Writes the native layout (OPV2V's): ``OUT/<split>/<run>/<cav_id>/<frame:06d>.pcd`` and ``.yaml``
 for every connected vehicle, a sidecar ``.npz`` with per-point labels and visibility, and
@@ -7,6 +7,7 @@ yaml exists, so an interrupted run is resumed by running the same command again.
 
 Example:
     python tools/generate.py --scenario left_turn --frames 100 --seed 0 --out data/sim --cavs 3
+    python tools/generate.py --backend carla --port 2000 --scenario merge --frames 100 --out data/carla
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from datasets.native import (
     write_manifest,
     write_scene_frame,
 )
+from sim.carla_world import CarlaError, make_carla_world
 from sim.lidar import LIDAR_PRESETS
 from sim.scenarios import SCENARIOS
 from sim.world import make_world
@@ -46,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--traffic-density", type=float, default=1.0, help="background vehicles per 100 m of lane"
     )
     parser.add_argument("--run-name", default=None, help="run folder name (default: <scenario>_s<seed:06d>)")
+    parser.add_argument("--backend", choices=("embedded", "carla"), default="embedded", help="simulator")
+    parser.add_argument("--host", default="127.0.0.1", help="CARLA server host (--backend carla)")
+    parser.add_argument("--port", type=int, default=2000, help="CARLA server port (--backend carla)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="CARLA timeout, seconds (--backend carla)")
+    # testing hook: the module imported as `carla` (the test suite passes its recorded stand-in)
+    parser.add_argument("--carla-module", default="carla", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scenario not in SCENARIOS:
         parser.error(f"unknown scenario {args.scenario!r}; valid scenarios: {', '.join(SCENARIOS)}")
@@ -59,14 +67,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run_name = args.run_name or f"{args.scenario}_s{args.seed:06d}"
+    params = {"cavs": args.cavs, "traffic_density": args.traffic_density}
     try:
-        world = make_world(
-            args.scenario, lidar=args.lidar, cavs=args.cavs, traffic_density=args.traffic_density
-        )
-        frame = world.reset(args.seed)
-    except ValueError as err:
+        if args.backend == "carla":
+            world = make_carla_world(
+                args.scenario, lidar=args.lidar, host=args.host, port=args.port, timeout_s=args.timeout,
+                carla_module=args.carla_module, **params,
+            )
+        else:
+            world = make_world(args.scenario, lidar=args.lidar, **params)
+        frame = world.reset(args.seed)  # a CarlaWorld that fails here has already closed itself
+    except (ValueError, CarlaError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _write(args, run_name, world, frame)
+    finally:
+        world.close()  # CARLA: actors destroyed and server settings restored, also on Ctrl-C
+
+
+def _write(args: argparse.Namespace, run_name: str, world, frame) -> int:
     manifest = Manifest(
         scenario=args.scenario,
         seed=args.seed,
@@ -74,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cavs=frame.connected_ids,
         lidar=lidar_dict(world.lidar),
         dt=world.dt,
-        params=dataclasses.asdict(world.params),
+        params={**dataclasses.asdict(world.params), "backend": args.backend},
     )
     try:
         manifest, done = start_run(args.out, args.split, run_name, manifest)
@@ -97,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         write_manifest(Path(args.out) / args.split / run_name, manifest)
         if frame.collisions:
             bar.write(f"frame {index}: collision between {frame.collisions}")
-    world.close()
     counts = manifest.counts
     print(
         f"{run_name}: {counts.frames_written} frames, {len(manifest.cavs)} connected vehicles, "
