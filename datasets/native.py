@@ -70,6 +70,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "KMH_PER_MPS",
     "MANIFEST_NAME",
+    "PCD_ENCODINGS",
     "SIDECAR_KEYS",
     "Manifest",
     "ManifestCounts",
@@ -196,18 +197,25 @@ def _pose6(value: Any, what: str, path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_pcd(path: Path | str, xyz: np.ndarray, red: np.ndarray) -> Path:
-    """Write OPV2V's PCD (``x y z rgb``, binary LZF-compressed) atomically.
+PCD_ENCODINGS = ("binary_compressed", "binary", "ascii")
+"""Data encodings :func:`write_pcd` can write (the PCD ``DATA`` line); Open3D reads all three."""
+
+
+def write_pcd(path: Path | str, xyz: np.ndarray, red: np.ndarray, encoding: str = "binary_compressed") -> Path:
+    """Write OPV2V's PCD (``x y z rgb``, binary LZF-compressed by default) atomically.
 
     Args:
         path: destination ``.pcd``.
         xyz: (N, 3) coordinates, stored as float32.
         red: (N,) red channel in [0, 1], stored as ``round(255 * red)`` (clipped); green and blue 0.
+        encoding: one of :data:`PCD_ENCODINGS` (``"ascii"`` is what OpenCDA, which recorded OPV2V, writes).
 
     Open3D's tensor and legacy writers give the same bytes here (checked); the tensor one takes the
     float32 positions and uint8 colours without copies. Open3D refuses to write an empty cloud, so
     for N = 0 the (ASCII) header is written directly; Open3D reads it back as zero points.
     """
+    if encoding not in PCD_ENCODINGS:
+        raise ValueError(f"PCD encoding must be one of {PCD_ENCODINGS}, got {encoding!r}")
     xyz = np.ascontiguousarray(xyz, dtype=np.float32).reshape(-1, 3)
     red = np.asarray(red, dtype=np.float32).reshape(-1)
     if len(red) != len(xyz):
@@ -219,7 +227,8 @@ def write_pcd(path: Path | str, xyz: np.ndarray, red: np.ndarray) -> Path:
     pcd = o3d.t.geometry.PointCloud(o3d.core.Tensor(xyz))
     pcd.point.colors = o3d.core.Tensor(colors)
     with atomic_path(path) as tmp:
-        if not o3d.t.io.write_point_cloud(str(tmp), pcd, write_ascii=False, compressed=True):
+        ascii_, compressed = encoding == "ascii", encoding == "binary_compressed"
+        if not o3d.t.io.write_point_cloud(str(tmp), pcd, write_ascii=ascii_, compressed=compressed):
             raise OSError(f"Open3D could not write {path}")
     return Path(path)
 
@@ -516,6 +525,8 @@ class NativeAgentFrame:
         time_s: simulation time, or None.
         scene_ego_id: the scenario's ego vehicle, or None.
         extra_yaml: yaml keys this reader does not interpret (cameras, ``plan_trajectory``, ...).
+        T_world_from_agent_predicted: (4, 4) float64, from ``predicted_ego_pos`` (OPV2V's localised
+            pose, noisy in its release; equal to ``T_world_from_agent`` in ours), or None if absent.
     """
 
     cav_id: int
@@ -537,6 +548,7 @@ class NativeAgentFrame:
     time_s: float | None = None
     scene_ego_id: int | None = None
     extra_yaml: dict[str, Any] = field(default_factory=dict)
+    T_world_from_agent_predicted: np.ndarray | None = None
 
     @property
     def agent_box_world(self) -> np.ndarray | None:
@@ -696,6 +708,11 @@ def read_agent_frame(yaml_path: Path | str) -> NativeAgentFrame:
         time_s=None if side is None else side["time_s"],
         scene_ego_id=None if side is None else side["scene_ego_id"],
         extra_yaml={k: v for k, v in data.items() if k not in _KNOWN_YAML_KEYS},
+        T_world_from_agent_predicted=(
+            None
+            if data.get("predicted_ego_pos") is None
+            else T_from_carla_pose(_pose6(data["predicted_ego_pos"], "predicted_ego_pos", yaml_path))
+        ),
     )
     out.validate()
     return out
