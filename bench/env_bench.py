@@ -1,0 +1,129 @@
+"""Driving-env speed: steps/s of ``CoopDrivingEnv`` on ``merge`` against highway-env ``merge-v0``.
+
+Measures, in one process on this machine, with random actions and no rendering:
+
+- steps/s of the multi-agent env on ``merge`` (3 connected vehicles, each an agent) with
+  ``visible`` observations (coarse-LiDAR visibility + DETECTIONS messages over the DSRC bus), at
+  one World tick per decision (the finest) and at the configs' two ticks; ``oracle`` for
+  reference; and the share of time spent in ``EmbeddedWorld.step`` and in the visibility cast;
+- steps/s of highway-env's ``merge-v0`` (one agent, 15 simulation ticks per 1 Hz decision);
+- the ratios per env step and per simulated second.
+
+Usage: ``python bench/env_bench.py [--steps 400] [--highway-steps 200]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import sim.env_visibility as visibility_module
+from sim.env import CoopDrivingEnv, EnvConfig
+from sim.world import EmbeddedWorld
+
+
+class _Timer:
+    """Wraps a method to add up the time spent in it."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name = owner, name
+        self.original = getattr(owner, name)
+        self.seconds = 0.0
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.owner, self.name, self.original)
+
+
+def bench_ours(steps: int, obs: str, decision_ticks: int, seed: int = 0) -> dict[str, float]:
+    env = CoopDrivingEnv(EnvConfig(scenario="merge", obs=obs, decision_ticks=decision_ticks), seed=seed)
+    rng = np.random.default_rng(seed)
+    env.reset()
+    env.step({a: int(rng.integers(5)) for a in env.agents})  # warm caches
+    world_timer = _Timer(EmbeddedWorld, "step")
+    vis_timer = _Timer(visibility_module.VisibilityCaster, "points_on_boxes")
+    done = 0
+    try:
+        t0 = time.perf_counter()
+        while done < steps:
+            if not env.agents:
+                env.reset()
+            env.step({a: int(rng.integers(5)) for a in env.agents})
+            done += 1
+        elapsed = time.perf_counter() - t0
+    finally:
+        world_timer.restore()
+        vis_timer.restore()
+    return {
+        "steps_per_s": steps / elapsed,
+        "sim_seconds_per_s": steps * decision_ticks * env.dt / elapsed,
+        "world_share": world_timer.seconds / elapsed,
+        "visibility_share": vis_timer.seconds / elapsed,
+        "agents": len(env.possible_agents),
+    }
+
+
+def bench_highway_env(steps: int) -> dict[str, float] | None:
+    try:
+        import gymnasium as gym
+        import highway_env  # noqa: F401  (registers the environments)
+    except ImportError as exc:
+        print(f"highway-env not available ({exc}); install it with: pip install highway-env")
+        return None
+    env = gym.make("merge-v0")
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        if terminated or truncated:
+            env.reset(seed=int(rng.integers(1 << 31)))
+    elapsed = time.perf_counter() - t0
+    policy_frequency = env.unwrapped.config["policy_frequency"]
+    env.close()
+    return {"steps_per_s": steps / elapsed, "sim_seconds_per_s": steps / policy_frequency / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=400, help="env steps to time per configuration")
+    parser.add_argument("--highway-steps", type=int, default=200, help="highway-env steps to time")
+    args = parser.parse_args()
+
+    theirs = bench_highway_env(args.highway_steps)
+    if theirs is not None:
+        print(
+            f"highway-env merge-v0: {theirs['steps_per_s']:.1f} steps/s "
+            f"({theirs['sim_seconds_per_s']:.1f} simulated s per s)"
+        )
+    for obs, ticks in (("visible", 1), ("visible", 2), ("oracle", 1)):
+        ours = bench_ours(args.steps, obs, ticks)
+        line = (
+            f"CoopDrivingEnv merge, obs={obs}, {ticks} tick(s) per step, {ours['agents']} agents: "
+            f"{ours['steps_per_s']:.1f} steps/s ({ours['sim_seconds_per_s']:.1f} simulated s per s); "
+            f"World.step {100 * ours['world_share']:.0f}% of the time, "
+            f"visibility {100 * ours['visibility_share']:.0f}%"
+        )
+        if theirs is not None:
+            line += (
+                f"; ratio to highway-env: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x per step, "
+                f"{ours['sim_seconds_per_s'] / theirs['sim_seconds_per_s']:.2f}x per simulated second"
+            )
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

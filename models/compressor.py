@@ -1,0 +1,100 @@
+"""Learned compressor of BEV features (CORE style): channel reduction + spatial selection.
+
+A sender reduces its (C, H, W) features to ``channels`` with a 1x1 convolution, keeps only the
+cells chosen by its selection rule, and the V2X codec (:class:`v2x.codecs.SparseBEVCodec`) carries
+those cells' indices and values; the receiver restores C channels with another 1x1 convolution.
+What the receiver gets is the *decoded* message (quantisation included); gradients pass through
+the codec unchanged (straight-through), so the compressor trains end to end.
+
+Selection (``selection``):
+
+- ``"nonempty"``: cells where the sender has at least one voxel (its LiDAR saw something there),
+  the ones with the strongest compressed features first when capped;
+- ``"confidence"``: cells by the sender's own detection confidence (Where2comm);
+- ``"request"``: cells by the sender's confidence times the receiver's request (CORE: the request is
+  ``1 - ego confidence``, sent as a request map), among the non-empty cells.
+
+In each case at most ``max_cells`` cells are sent (0: no limit), best scores first, and a cell
+with a zero score is never sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from v2x.codecs import SparseBEV, SparseBEVCodec
+from v2x.entropy import Compression
+from v2x.quantize import ValueFormat
+
+__all__ = ["BevCompressor", "CompressorConfig", "straight_through"]
+
+_FORMATS = {"float32": ValueFormat.FLOAT32, "float16": ValueFormat.FLOAT16, "int16": ValueFormat.INT16, "int8": ValueFormat.INT8}
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    """Attributes:
+    channels: channels per cell on the air (1x1 convolution from the feature width).
+    max_cells: cells per message at most (0: no limit).
+    selection: ``"nonempty"``, ``"confidence"`` or ``"request"`` (see the module docstring).
+    value_format: feature values on the wire: float32, float16, int16 or int8.
+    """
+
+    channels: int = 16
+    max_cells: int = 0
+    selection: Literal["nonempty", "confidence", "request"] = "nonempty"
+    value_format: Literal["float32", "float16", "int16", "int8"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.max_cells < 0:
+            raise ValueError("CompressorConfig: channels must be >= 1 and max_cells >= 0")
+
+    def codec(self) -> SparseBEVCodec:
+        return SparseBEVCodec(fmt=_FORMATS[self.value_format], compression=Compression.ZSTD)
+
+
+def straight_through(sent: torch.Tensor, decoded: np.ndarray) -> torch.Tensor:
+    """``decoded`` in the forward pass, the gradient of ``sent`` in the backward pass."""
+    received = torch.from_numpy(decoded).to(device=sent.device, dtype=sent.dtype)
+    return sent + (received - sent).detach()
+
+
+class BevCompressor(nn.Module):
+    """``compress``: (N, C, H, W) -> (N, c, H, W); ``decompress``: (N, c, H, W) -> (N, C, H, W)."""
+
+    def __init__(self, config: CompressorConfig, in_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.codec = config.codec()
+        self.encoder = nn.Conv2d(in_channels, config.channels, 1)
+        self.decoder = nn.Sequential(nn.Conv2d(config.channels, in_channels, 1), nn.ReLU())
+
+    def compress(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encoder(features)
+
+    def decompress(self, compressed: torch.Tensor) -> torch.Tensor:
+        return self.decoder(compressed)
+
+    def select(self, score: torch.Tensor) -> torch.Tensor:
+        """(H, W) bool cells to send: the ``max_cells`` best positive scores (ties: lower index)."""
+        flat = score.detach().reshape(-1)
+        candidates = torch.nonzero(flat > 0).squeeze(1)
+        if self.config.max_cells and candidates.numel() > self.config.max_cells:
+            order = torch.argsort(-flat[candidates], stable=True)[: self.config.max_cells]
+            candidates = candidates[order]
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[candidates] = True
+        return mask.reshape(score.shape)
+
+    def encode(self, compressed: torch.Tensor, mask: torch.Tensor) -> bytes:
+        """Payload of one sender: (c, H, W) values at the (H, W) mask's cells."""
+        c, h, w = compressed.shape
+        indices = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        values = compressed.detach().reshape(c, -1)[:, indices].T  # (k, c)
+        data = SparseBEV((h, w), indices.cpu().numpy().astype(np.int64), values.float().cpu().numpy())
+        return self.codec.encode(data)

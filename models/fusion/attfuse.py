@@ -1,0 +1,33 @@
+"""AttFuse (OPV2V / OpenCOOD's ``AttFusion``): per-cell scaled dot-product attention across agents.
+
+At every BEV cell the agents' feature vectors (the ego's own and the received ones, warped into
+the ego frame) attend to each other; the ego's row of the attention output is the fused feature.
+Like OpenCOOD's module it has no learned weights: queries, keys and values are the features
+themselves. Agents whose warped map does not cover a cell, or whose message did not arrive, are
+masked out there, so the result does not depend on the order of the other agents.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionFusion"]
+
+
+class AttentionFusion(nn.Module):
+    """(A, C, H, W) features of one sample (ego first) + (A, 1, H, W) validity -> (C, H, W)."""
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = features.shape
+        x = features.flatten(2).permute(2, 0, 1)  # (HW, A, C)
+        query = x[:, :1]  # (HW, 1, C): the ego's row
+        scores = query @ x.transpose(1, 2) / math.sqrt(c)  # (HW, 1, A)
+        mask = valid.flatten(2).permute(2, 1, 0).clone()  # (HW, 1, A)
+        mask[..., 0] = True  # the ego always attends to itself
+        scores = scores.masked_fill(~mask, float("-inf"))
+        attention = torch.softmax(scores, dim=-1)  # (HW, 1, A)
+        fused = attention @ x  # (HW, 1, C)
+        return fused[:, 0].T.reshape(c, h, w)

@@ -1,0 +1,1 @@
+"""Heads on fused BEV features: detection, segmentation, reconstruction."""

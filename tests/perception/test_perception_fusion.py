@@ -1,0 +1,155 @@
+"""Fusion methods on one encoder and one set of heads: a shape grid over methods x agents per
+sample x batch size, one-agent equivalence with the single-agent path, and invariance to the
+order of the other agents."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from perception_helpers import permute_others, small_model_config, synthetic_sample
+
+from datasets.collate import CoopCollate
+from models.comm import LinkConfig, V2XLink
+from models.compressor import CompressorConfig
+from models.heads.detection import DetectionHeadConfig
+from models.heads.reconstruction import ReconstructionConfig
+from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
+from v2x.message import HEADER_BYTES
+
+LINK = V2XLink(LinkConfig())
+
+
+def fusion(method: str, **changes) -> FusionConfig:
+    selection = "request" if method == "core" else "nonempty"
+    return FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection), **changes)
+
+
+def build(method: str, seed: int = 0, **changes) -> CooperativePerception:
+    torch.manual_seed(seed)
+    # score threshold 0: an untrained head still returns its best boxes, so they can be compared
+    config = small_model_config(fusion=fusion(method), detection=DetectionHeadConfig(score_threshold=0.0), **changes)
+    return CooperativePerception(config).eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, CooperativePerception]:
+    """One model per method, all with the weights of the "none" model where they share modules."""
+    out = {m: build(m) for m in FUSION_METHODS}
+    shared = out["none"].state_dict()
+    for model in out.values():
+        model.load_state_dict(shared, strict=False)
+    return out
+
+
+@pytest.mark.parametrize("method", FUSION_METHODS)
+@pytest.mark.parametrize("agents", [(1,), (2,), (5,), (3, 1), (4, 2)])
+def test_shape_grid(models, method, agents):
+    model = models[method]
+    samples = [synthetic_sample(10 * i + n, n) for i, n in enumerate(agents)]
+    batch = CoopCollate(model.config.grid)(samples)
+    with torch.no_grad():
+        output, loss = model(batch, LINK, with_loss=True, with_detections=True)
+    b = len(agents)
+    h, w = model.bev_grid.shape
+    k = h * w * model.config.detection.anchors_per_cell
+    assert output.fused_features.shape == (b, model.encoder.out_channels, h, w)
+    assert output.detection_maps.cls_logits.shape == (b, k)
+    assert output.detection_maps.box_deltas.shape == (b, k, 7)
+    assert output.segmentation_logits.shape == (b, 3, h, w)
+    assert len(output.detections) == b
+    for detections in output.detections:
+        detections.validate()
+    assert torch.isfinite(loss.total)
+    # messages: one per other agent (CORE: plus the ego's request), every size a real encoding
+    for n, records in zip(agents, output.link.records, strict=True):
+        expected = 0 if method == "none" or n == 1 else (n - 1) + (1 if method == "core" else 0)
+        assert len(records) == expected
+        assert all(r.nbytes > HEADER_BYTES and r.received for r in records)
+
+
+@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core"])
+def test_one_agent_equals_the_single_agent_path(models, method):
+    """With the ego alone, every method reduces to the ego-only model with the same weights."""
+    batch = CoopCollate(models["none"].config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
+    with torch.no_grad():
+        reference, _ = models["none"](batch, LINK, with_loss=False, with_detections=True)
+        output, _ = models[method](batch, LINK, with_loss=False, with_detections=True)
+    torch.testing.assert_close(output.fused_features, reference.fused_features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output.detection_maps.cls_logits, reference.detection_maps.cls_logits, rtol=1e-5, atol=1e-5)
+    for got, want in zip(output.detections, reference.detections, strict=True):
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
+    assert output.link.bytes_per_frame() == [0, 0]
+
+
+@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core"])
+def test_results_do_not_depend_on_the_order_of_the_other_agents(models, method):
+    sample = synthetic_sample(7, 4)
+    collate = CoopCollate(models[method].config.grid)
+    model = models[method]
+    with torch.no_grad():
+        first, _ = model(collate([sample]), LINK, with_loss=False, with_detections=True)
+        second, _ = model(collate([permute_others(sample, [3, 1, 2])]), LINK, with_loss=False, with_detections=True)
+    torch.testing.assert_close(first.fused_features, second.fused_features, rtol=1e-4, atol=1e-4)
+    a, b = first.detections[0], second.detections[0]
+    assert len(a) > 0
+    order_a, order_b = np.lexsort(a.boxes.T), np.lexsort(b.boxes.T)
+    np.testing.assert_allclose(a.boxes[order_a], b.boxes[order_b], atol=1e-4)
+    assert sorted(first.link.bytes_per_message()) == sorted(second.link.bytes_per_message())
+
+
+def test_cooperation_changes_the_ego_view_and_gradients_reach_the_senders():
+    """With two agents the fused map differs from the ego's own, and the loss trains the shared
+    encoder through the received (decoded) messages."""
+    model = build("attfuse").train()
+    batch = CoopCollate(model.config.grid)([synthetic_sample(5, 2)])
+    output, loss = model(batch, LINK)
+    ego_only = model.encode_agents(batch, batch.ego_agent_index)
+    assert not torch.allclose(output.fused_features, ego_only)
+    loss.total.backward()
+    assert model.compressor.encoder.weight.grad is not None and model.compressor.encoder.weight.grad.abs().sum() > 0
+
+
+def test_lost_messages_fall_back_to_the_ego_view():
+    """A channel that reaches no one (range 1 m on DSRC) delivers nothing: the fused map is the
+    ego's own view and the records say the messages were lost."""
+    model = build("attfuse")
+    batch = CoopCollate(model.config.grid)([synthetic_sample(6, 3)])
+    lossy = V2XLink(dataclasses.replace(LinkConfig(channel="dsrc"), tick_s=0.1))
+    lossy.channel = dataclasses.replace(lossy.channel, max_range_m=1.0)
+    with torch.no_grad():
+        output, _ = model(batch, lossy, with_loss=False)
+        ego_only = model.encode_agents(batch, batch.ego_agent_index)
+    torch.testing.assert_close(output.fused_features, ego_only, rtol=1e-5, atol=1e-5)
+    assert [r.received for r in output.link.records[0]] == [False, False]
+
+
+def test_keypoint_messages_and_reconstruction_compose_with_fusion():
+    torch.manual_seed(0)
+    keypoints = small_model_config(fusion=FusionConfig(method="attfuse", message="keypoints"))
+    model = CooperativePerception(keypoints).train()
+    batch = CoopCollate(keypoints.grid)([synthetic_sample(8, 3)])
+    output, loss = model(batch, LINK)
+    assert [r.codec for r in output.link.records[0]] == ["KEYPOINT_FEATURES"] * 2
+    loss.total.backward()
+    assert model.keypoint_encoder.out.weight.grad.abs().sum() > 0
+
+    torch.manual_seed(0)
+    core = small_model_config(fusion=fusion("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
+    model = CooperativePerception(core).train()
+    output, loss = model(CoopCollate(core.grid)([synthetic_sample(9, 3)]), LINK)
+    assert loss.reconstruction is not None and loss.reconstruction.occupancy > 0 and loss.reconstruction.bev > 0
+    assert output.reconstruction.fine_logits.numel() > 0
+    assert [r.codec for r in output.link.records[0]] == ["REQUEST_MAP", "SPARSE_BEV", "SPARSE_BEV"]
+
+
+def test_inconsistent_fusion_settings_are_rejected():
+    with pytest.raises(ValueError, match="attfuse only"):
+        FusionConfig(method="core", message="keypoints", compressor=CompressorConfig(selection="request")).validate()
+    with pytest.raises(ValueError, match="selection=request"):
+        FusionConfig(method="core").validate()
+    with pytest.raises(ValueError, match="core method"):
+        CooperativePerception(small_model_config(fusion=FusionConfig(method="attfuse", compressor=CompressorConfig(selection="request"))))

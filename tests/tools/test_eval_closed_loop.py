@@ -1,0 +1,111 @@
+"""tools/eval_closed_loop.py: a short real run on a fresh checkpoint, recording, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.config import apply_overrides
+from models.planning.experiment import PlannerConfig, make_env_fns, save_checkpoint
+from models.planning.mappo import MAPPOTrainer
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "eval_closed_loop.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained single-agent policy (the metrics' plumbing does not need a good one)."""
+    config = apply_overrides(
+        PlannerConfig(),
+        [
+            "env.scenario=red_light",
+            "env.controlled=ego",
+            "env.obs=visible",
+            "learner.num_envs=1",
+            "learner.network.hidden_sizes=16",
+        ],
+    )
+    trainer = MAPPOTrainer(make_env_fns(config.env, 1, 0), config.learner)
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", trainer, config)
+    trainer.close()
+    return path
+
+
+def test_real_run_writes_json_markdown_and_an_animation(checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(checkpoint), "--scenario", "red_light", "--scenario", "left_turn"]
+    args += ["--episodes", "1", "--obs", "visible", "--out", str(out), "--record"]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["scenarios"]) == {"red_light", "left_turn"} and report["obs"] == "visible"
+    assert len(report["episodes"]) == 2
+    seeds = [e["seed"] for e in report["episodes"]]
+    assert min(seeds) >= 1_000_000_000  # held-out seeds
+    overall = report["overall"]
+    assert overall["episodes"] == 2.0
+    rates = overall["success_rate"] + overall["collision_rate"] + overall["timeout_rate"]
+    assert rates == pytest.approx(1.0)
+    for key in ("success_rate", "route_completion", "driving_score", "success_weighted_by_time"):
+        assert 0.0 <= overall[key] <= 1.0
+    assert overall["driving_score"] <= overall["route_completion"] + 1e-9
+    assert overall["bytes_per_second"] > 0  # visible: detections on the air
+    table = (out / "eval.md").read_text()
+    assert "| red_light | 1 |" in table and "| **overall** | 2 |" in table
+    gifs = sorted(p.name for p in out.glob("*.gif"))
+    assert gifs == ["left_turn_seed1000000000.gif", "red_light_seed1000000000.gif"]
+    assert (out / gifs[0]).stat().st_size > 10_000
+
+
+def test_oracle_observations_send_nothing_and_perception_is_refused(checkpoint, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import eval_closed_loop
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "oracle"
+    assert (
+        eval_closed_loop.main(
+            ["--checkpoint", str(checkpoint), "--episodes", "1", "--obs", "oracle", "--out", str(out)]
+        )
+        == 0
+    )
+    report = json.loads((out / "eval.json").read_text())
+    assert report["obs"] == "oracle" and report["overall"]["bytes_per_second"] == 0.0
+    capsys.readouterr()
+    assert eval_closed_loop.main(["--checkpoint", str(checkpoint), "--obs", "perception"]) == 2
+    assert "needs a trained cooperative perception checkpoint" in capsys.readouterr().err
+    # a single-agent policy cannot drive the three-agent merge
+    assert (
+        eval_closed_loop.main(["--checkpoint", str(checkpoint), "--scenario", "merge", "env.controlled=all"])
+        == 2
+    )
+    assert "trained with 1 agents" in capsys.readouterr().err
+    assert eval_closed_loop.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_aggregate_gives_mean_and_spread_over_seeds(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import eval_closed_loop
+    finally:
+        sys.path.pop(0)
+    for seed, success in ((0, 0.5), (1, 1.0)):
+        folder = tmp_path / f"red_light_visible_s{seed}" / "eval"
+        folder.mkdir(parents=True)
+        overall = {key: 0.0 for key, _, _ in eval_closed_loop._METRICS} | {
+            "episodes": 10.0,
+            "success_rate": success,
+        }
+        (folder / "eval.json").write_text(json.dumps({"overall": overall}))
+    assert eval_closed_loop.main(["--aggregate", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| red_light_visible | 2 | 0.75 +- 0.25 |" in summary
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        eval_closed_loop.parse_args(["--aggregate", str(tmp_path), "--checkpoint", "x.pt"])
