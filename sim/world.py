@@ -375,11 +375,12 @@ class EmbeddedWorld:
                 self.lidar, T_world_from_sensor, self._static, boxes, ids, semantic, agent.id, rng
             )
             # ground hits (the only TERRAIN geometry is the ground plane) take the road raster's class
-            ground = hits.semantic == Semantic.TERRAIN
-            if ground.any():
+            ground = np.flatnonzero(hits.semantic == Semantic.TERRAIN)
+            if len(ground):
                 R = T_world_from_sensor[:2, :3].astype(np.float32)  # world x, y rows only
-                xy = hits.points[ground, :3] @ R.T + T_world_from_sensor[:2, 3].astype(np.float32)
-                hits.semantic[ground] = self._ground.lookup(xy)
+                xy = hits.points[:, :3] @ R.T  # all points: cheaper than gathering the ground ones first
+                xy += T_world_from_sensor[:2, 3].astype(np.float32)
+                hits.semantic[ground] = self._ground.lookup(xy[ground])
             scans[agent.id] = LidarScan(
                 agent_id=agent.id,
                 points=hits.points,
@@ -389,8 +390,8 @@ class EmbeddedWorld:
                 config=self.lidar,
             )
             # visibility: how many of this scan's points hit each agent
-            order = np.searchsorted(ids, hits.instance_id[hits.instance_id >= 0])
-            points_in_box[agent.id] = np.bincount(order, minlength=len(ids)).astype(np.int32)
+            per_id = np.bincount(hits.instance_id + 1, minlength=int(ids.max()) + 2)[1:]  # slot 0: id -1
+            points_in_box[agent.id] = per_id[ids].astype(np.int32)
         t = self._frame * self.dt
         assert self.spec is not None
         hidden = tuple(int(i) for i in self.spec.hidden_indices if v.active[i])
