@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-runs", default="random_traffic:101,random_traffic:102,left_turn:103,merge:104,overtaking:105")
     parser.add_argument("--test-frames", type=int, default=20)
     parser.add_argument("--test-cavs", type=int, default=3)
+    parser.add_argument("--skip-generate", action="store_true", help="reuse OUT/data as it is")
     parser.add_argument("--set", action="append", default=[], help="extra key=value override for every training run")
     parser.add_argument(
         "--eval-set", action="append", default=["data.ego=scene"], help="key=value override for every evaluation"
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    for seed in parse_seeds(args.train_seeds):
+    for seed in [] if args.skip_generate else parse_seeds(args.train_seeds):
         run([py, "tools/generate.py", "--scenario", "random_traffic", "--frames", str(args.train_frames), "--seed", str(seed),
              "--out", str(data), "--lidar", args.lidar, "--cavs", str(args.train_cavs), "--split", "train"], log)
     test_runs = [item.split(":") for item in args.test_runs.split(",") if item]
-    for scenario, seed in test_runs:
+    for scenario, seed in [] if args.skip_generate else test_runs:
         run([py, "tools/generate.py", "--scenario", scenario, "--frames", str(args.test_frames), "--seed", seed,
              "--out", str(data), "--lidar", args.lidar, "--cavs", str(args.test_cavs), "--split", "test"], log)
     timings["generate_s"] = time.perf_counter() - start

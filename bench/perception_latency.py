@@ -9,8 +9,10 @@ after ``--warmup``:
 - **all agents**: ``model(batch, link, with_detections=True)``: every agent's encoder, the codec
   round trips, fusion, heads, decoding and NMS, serially in this one process;
 - **others' encoders**: the four other agents' encoders alone (they run on their own vehicles);
-- **ego side**: all agents minus others' encoders: what the ego computes per frame when the others
-  encode in parallel on their vehicles (their compression and the codecs are still counted here).
+- **ego side**: all agents minus others' encoders (late, attfuse, core; none and early run no
+  encoder for the others): what the ego computes per frame when the others encode in parallel on
+  their vehicles (their compression, codecs and, for late fusion, their heads and NMS are still
+  counted here).
 
 Models are loaded from ``--runs/<method>/`` when given (trained weights, so that decoding and NMS
 see realistic scores); otherwise the configs' untrained models with the decoding threshold at 0,
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = CoopCollate(cfg.model.grid)([sample])
         link = V2XLink(LinkConfig())
         others = torch.arange(1, batch.num_agents)
+        others_encode = cfg.model.fusion.method in ("late", "attfuse", "core")
         with torch.no_grad():
             forward = functools.partial(model, batch, link, with_loss=False, with_detections=True)
             total = timed(forward, args.repeats, args.warmup)
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 "all_agents_ms": float(np.median(total)),
                 "all_agents_p90_ms": float(np.percentile(total, 90)),
                 "others_encoders_ms": float(np.median(encoders)),
-                "ego_side_ms": float(np.median(total) - np.median(encoders)) if method != "none" else float(np.median(total)),
+                # the others' encoders run on their own vehicles only where they encode at all
+                "ego_side_ms": float(np.median(total) - (np.median(encoders) if others_encode else 0.0)),
                 "bytes_per_frame": output.link.bytes_per_frame()[0],
             }
         )

@@ -286,7 +286,7 @@ class CooperativePerception(nn.Module):
             agent_positions = {info.agent_ids[k]: positions[first + k] for k in range(n)}
             maps = [features[first]]
             valid = [torch.ones(1, h, w, dtype=torch.bool, device=features.device)]
-            requests: dict[int, np.ndarray] = {}
+            requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # request map, ego header pose
             if fusion.method == "core" and n > 1:
                 request = (1.0 - confidence[first]) > fusion.core.request_threshold  # (H, W) ego frame
                 payload = RequestMapCodec().encode(request.cpu().numpy())
