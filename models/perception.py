@@ -62,6 +62,7 @@ from models.heads.reconstruction import (
 )
 from models.heads.segmentation import BevSegmentationHead, SegmentationHeadConfig, bev_semantic_targets
 from models.keypoint_encoder import KeypointBevDecoder, KeypointEncoder, KeypointEncoderConfig
+from models.spconv_cpu import spconv_native_state_dict_loading
 from sim.geometry import invert_T, transform_points
 from v2x.codecs import DetectionsCodec, KeypointFeatures, KeypointFeaturesCodec, RequestMapCodec
 from v2x.message import CodecId
@@ -190,6 +191,11 @@ class PerceptionLoss:
 
 class CooperativePerception(nn.Module):
     """See the module docstring."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, immune to mmdet3d's process-wide spconv loader patch."""
+        with spconv_native_state_dict_loading():
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __init__(self, config: PerceptionModelConfig) -> None:
         super().__init__()

@@ -32,10 +32,11 @@ correct for any CPU tensor.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -165,3 +166,25 @@ def cpu_fixes_applied() -> SpconvCpuFixes:
         stream_zero_without_cuda=bool(bound) and all(getattr(fn, _PATCH_MARK, False) for fn in bound),
         serial_scatter_add=bool(getattr(scatter, _PATCH_MARK, False)),
     )
+
+
+@contextlib.contextmanager
+def spconv_native_state_dict_loading() -> Iterator[None]:
+    """Load spconv weights with spconv's own layout handling, even after mmdet3d was imported.
+
+    Importing ``mmdet3d.models`` calls mmdet3d's ``register_spconv2()``, which replaces
+    ``SparseModule._load_from_state_dict`` for the whole process with a loader that permutes every
+    sparse-conv weight from mmcv's layout. Checkpoints written by spconv itself (ours) then fail to
+    load with a shape mismatch. Inside this context the replacement is lifted, and restored after.
+    """
+    from spconv.pytorch.modules import SparseModule
+
+    patched = SparseModule.__dict__.get("_load_from_state_dict")
+    if patched is None or "mmdet3d" not in getattr(patched, "__module__", ""):
+        yield
+        return
+    del SparseModule._load_from_state_dict
+    try:
+        yield
+    finally:
+        SparseModule._load_from_state_dict = patched

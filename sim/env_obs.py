@@ -179,11 +179,14 @@ class VisibleSource:
         m = len(ids)
         centres = frame.boxes_world[:, :2] if m else np.zeros((0, 2))
         out = {}
+        matches: dict[bytes, np.ndarray | None] = {}  # a broadcast reaches several receivers: decode once
         for observer in observer_ids:
             known = self._own.get(observer, np.zeros(m, dtype=bool)).copy()
             if self.cooperative:
                 for delivery in received.get(observer, []):
-                    matched = self._match(delivery.data, frame.time_s, centres)
+                    if delivery.data not in matches:
+                        matches[delivery.data] = self._match(delivery.data, frame.time_s, centres)
+                    matched = matches[delivery.data]
                     if matched is not None:
                         known[matched] = True
             known &= ids != observer

@@ -234,3 +234,25 @@ def test_subm_on_real_voxels_matches_dense_crop() -> None:
         torch.testing.assert_close(out.features, out_dense, atol=TOL, rtol=TOL)
         torch.testing.assert_close(feats_sparse.grad, feats_dense.grad, atol=TOL, rtol=TOL)
         torch.testing.assert_close(torch_grad_from_spconv(subm.weight.grad), w_dense.grad, atol=TOL, rtol=TOL)
+
+
+def test_spconv_checkpoints_load_after_mmdet3d_patched_the_loader():
+    import mmdet3d.models  # noqa: F401  (its import replaces SparseModule._load_from_state_dict)
+    import spconv.pytorch as spconv
+    from spconv.pytorch.modules import SparseModule
+
+    from models.spconv_cpu import spconv_native_state_dict_loading
+
+    assert "mmdet3d" in SparseModule.__dict__["_load_from_state_dict"].__module__
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(2, 5, 3, bias=False, indice_key="a"))
+    state = net.state_dict()
+    for meta in state._metadata.values():  # as written by a process that never imported mmdet3d
+        meta["version"] = 1
+    other = spconv.SparseSequential(spconv.SubMConv3d(2, 5, 3, bias=False, indice_key="a"))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(state)  # mmdet3d's loader permutes our own layout
+    with spconv_native_state_dict_loading():
+        other.load_state_dict(state)
+    assert torch.equal(other[0].weight, net[0].weight)
+    assert "mmdet3d" in SparseModule.__dict__["_load_from_state_dict"].__module__  # restored
