@@ -18,6 +18,7 @@ import argparse
 import time
 
 import numpy as np
+from highway_env_baseline import bench_highway_env
 
 import sim.env_visibility as visibility_module
 from sim.env import CoopDrivingEnv, EnvConfig
@@ -71,28 +72,6 @@ def bench_ours(steps: int, obs: str, decision_ticks: int, seed: int = 0) -> dict
         "visibility_share": vis_timer.seconds / elapsed,
         "agents": len(env.possible_agents),
     }
-
-
-def bench_highway_env(steps: int) -> dict[str, float] | None:
-    try:
-        import gymnasium as gym
-        import highway_env  # noqa: F401  (registers the environments)
-    except ImportError as exc:
-        print(f"highway-env not available ({exc}); install it with: pip install highway-env")
-        return None
-    env = gym.make("merge-v0")
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    env.step(env.action_space.sample())
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
-        if terminated or truncated:
-            env.reset(seed=int(rng.integers(1 << 31)))
-    elapsed = time.perf_counter() - t0
-    policy_frequency = env.unwrapped.config["policy_frequency"]
-    env.close()
-    return {"steps_per_s": steps / elapsed, "sim_seconds_per_s": steps / policy_frequency / elapsed}
 
 
 def main() -> None:
