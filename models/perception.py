@@ -145,7 +145,8 @@ class PerceptionOutput:
         fused_features: (B, C, H, W) the map the heads ran on (ego frame).
         detection_maps: head outputs of the fused maps (K anchors each).
         segmentation_logits: (B, 3, H, W) or None when the head is off.
-        reconstruction: the reconstruction head's output, or None when it is off.
+        reconstruction: the reconstruction head's output, or None when it is off or was not
+            asked for (inference skips it unless ``with_reconstruction``).
         detections: B :class:`Detections` in the ego frame (late fusion: merged), or None when not
             asked for.
         link: every message sent.
@@ -372,7 +373,12 @@ class CooperativePerception(nn.Module):
     # --------------------------------------------------------------------------------- forward
 
     def forward(
-        self, batch: CoopBatch, link: V2XLink, with_loss: bool = True, with_detections: bool = False
+        self,
+        batch: CoopBatch,
+        link: V2XLink,
+        with_loss: bool = True,
+        with_detections: bool = False,
+        with_reconstruction: bool = False,
     ) -> tuple[PerceptionOutput, PerceptionLoss | None]:
         """Run the model on a batch.
 
@@ -381,6 +387,10 @@ class CooperativePerception(nn.Module):
             link: the V2X link every message goes through.
             with_loss: compute the loss against the batch's ground truth.
             with_detections: decode boxes (late fusion: and exchange and merge them).
+            with_reconstruction: run the reconstruction head (when the model has one) also without
+                the loss. CORE's reconstruction is a training-time auxiliary: by default inference
+                skips it and the holistic view it needs, which saves about a third of the ego's
+                per-frame time.
 
         Returns:
             (outputs, loss or None).
@@ -403,12 +413,13 @@ class CooperativePerception(nn.Module):
 
         maps = self.detection(fused)
         seg_logits = self.segmentation(fused) if self.segmentation is not None else None
-        need_holistic = self.reconstruction is not None or (with_loss and self.segmentation is not None)
+        run_reconstruction = self.reconstruction is not None and (with_loss or with_reconstruction)
+        need_holistic = run_reconstruction or (with_loss and self.segmentation is not None)
         clouds, semantic = self.holistic_clouds(batch) if need_holistic else ([], [])
         occupancy = None
-        if self.reconstruction is not None and self.config.reconstruction.occupancy and with_loss:
+        if run_reconstruction and self.config.reconstruction.occupancy and with_loss:
             occupancy = self._occupancy_targets(clouds)
-        reconstruction = self.reconstruction(fused, occupancy) if self.reconstruction is not None else None
+        reconstruction = self.reconstruction(fused, occupancy) if run_reconstruction else None
 
         detections = None
         if with_detections:

@@ -46,6 +46,8 @@ ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 # Pairs of boxes clipped per vectorised batch: bounds the temporary arrays to a few tens of MB.
 _PAIRS_PER_CHUNK = 1 << 16
+# nms_bev computes the full pairwise IoU matrix up to this many boxes (8 MiB of float64)
+_NMS_MATRIX_MAX = 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,15 +313,41 @@ def _prepare_pair(boxes_a: Any, boxes_b: Any) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _overlaps_after(boxes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """(M, M) bool: ``[i, j]`` is True when j > i and BEV IoU(i, j) > ``iou_threshold``.
+
+    Only the pairs i < j whose bounding circles meet are clipped (one vectorised pass): half the
+    work of the full matrix, which is all greedy NMS over score-sorted boxes needs.
+    """
+    m = len(boxes)
+    out = np.zeros((m, m), dtype=bool)
+    radius = 0.5 * np.hypot(boxes[:, 3], boxes[:, 4])
+    gap = np.hypot(boxes[:, None, 0] - boxes[None, :, 0], boxes[:, None, 1] - boxes[None, :, 1])
+    ia, ib = np.nonzero(np.triu(gap < radius[:, None] + radius[None, :], k=1))
+    if len(ia) == 0:
+        return out
+    footprint = box_corners(boxes)[:, :4, :2]  # (M, 4, 2) counter-clockwise
+    area = boxes[:, 3] * boxes[:, 4]
+    for s in range(0, len(ia), _PAIRS_PER_CHUNK):
+        pa, pb = ia[s : s + _PAIRS_PER_CHUNK], ib[s : s + _PAIRS_PER_CHUNK]
+        inter = _clip_rectangles(footprint[pa], footprint[pb])
+        union = area[pa] + area[pb] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0).clip(0.0, 1.0)
+        out[pa, pb] = iou > iou_threshold
+    return out
+
+
 def nms_bev(boxes: ArrayT, scores: ArrayT, iou_threshold: float) -> ArrayT:
     """Greedy non-maximum suppression on :func:`bev_iou`.
 
     Boxes are visited by decreasing score (ties: lower index first); a box is dropped when its
-    BEV IoU with a box already kept is greater than ``iou_threshold``. The IoU of a kept box is
-    computed only against the boxes still standing, so the cost is (kept x candidates) pairs,
-    most of them rejected by a bounding-circle test. mmcv's ``nms_rotated`` (which mmdet3d's
-    ``nms_bev`` wraps after converting our (x, y, dx, dy, yaw) to corners and back) is not used
-    because it shares ``box_iou_rotated``'s collinear-edge error (see the module docstring).
+    BEV IoU with a box already kept is greater than ``iou_threshold``. Up to
+    ``_NMS_MATRIX_MAX`` boxes, the IoU of every pair is computed in one vectorised pass (pairs
+    whose bounding circles do not meet cost nothing) and the greedy walk runs over that matrix;
+    above it, each kept box is compared with the boxes still standing (memory grows with M, not
+    M^2). Both give the same result. mmcv's ``nms_rotated`` (which mmdet3d's ``nms_bev`` wraps
+    after converting our (x, y, dx, dy, yaw) to corners and back) is not used because it shares
+    ``box_iou_rotated``'s collinear-edge error (see the module docstring).
 
     Args:
         boxes: (M, 7) bottom-centre boxes.
@@ -338,13 +366,22 @@ def nms_bev(boxes: ArrayT, scores: ArrayT, iou_threshold: float) -> ArrayT:
     boxes_np, scores_np = _numpy_f64(boxes), _numpy_f64(scores)
     _check_sizes(boxes_np, "boxes")
 
-    standing = np.argsort(-scores_np, kind="stable")
+    order = np.argsort(-scores_np, kind="stable")
     keep: list[int] = []
-    while len(standing) > 0:
-        best, rest = standing[0], standing[1:]
-        keep.append(int(best))
-        iou = _bev_iou_f64(boxes_np[best : best + 1], boxes_np[rest])[0]
-        standing = rest[iou <= iou_threshold]
+    if len(order) <= _NMS_MATRIX_MAX:
+        overlaps = _overlaps_after(boxes_np[order], iou_threshold)  # (M, M) in score order
+        suppressed = np.zeros(len(order), dtype=bool)
+        for i in range(len(order)):
+            if not suppressed[i]:
+                keep.append(int(order[i]))
+                suppressed |= overlaps[i]
+    else:
+        standing = order
+        while len(standing) > 0:
+            best, rest = standing[0], standing[1:]
+            keep.append(int(best))
+            iou = _bev_iou_f64(boxes_np[best : best + 1], boxes_np[rest])[0]
+            standing = rest[iou <= iou_threshold]
     keep_np = np.asarray(keep, dtype=np.int64)
     if as_torch:
         import torch

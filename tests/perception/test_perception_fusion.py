@@ -146,6 +146,21 @@ def test_keypoint_messages_and_reconstruction_compose_with_fusion():
     assert [r.codec for r in output.link.records[0]] == ["REQUEST_MAP", "SPARSE_BEV", "SPARSE_BEV"]
 
 
+def test_inference_skips_reconstruction_unless_asked_and_detections_do_not_depend_on_it():
+    torch.manual_seed(0)
+    core = small_model_config(fusion=fusion("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
+    model = CooperativePerception(core).eval()
+    batch = CoopCollate(core.grid)([synthetic_sample(10, 3)])
+    with torch.no_grad():
+        plain, no_loss = model(batch, LINK, with_loss=False, with_detections=True)
+        asked, _ = model(batch, LINK, with_loss=False, with_detections=True, with_reconstruction=True)
+    assert no_loss is None
+    assert plain.reconstruction is None
+    assert asked.reconstruction is not None and asked.reconstruction.column_logits.numel() > 0
+    torch.testing.assert_close(plain.fused_features, asked.fused_features)
+    np.testing.assert_array_equal(plain.detections[0].boxes, asked.detections[0].boxes)
+
+
 def test_inconsistent_fusion_settings_are_rejected():
     with pytest.raises(ValueError, match="attfuse only"):
         FusionConfig(method="core", message="keypoints", compressor=CompressorConfig(selection="request")).validate()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sim import box_ops
 from sim.box_ops import (
     bev_intersection_area,
     bev_iou,
@@ -413,6 +414,19 @@ def test_nms_bev_matches_greedy_reference(seed: int) -> None:
     keep_t = nms_bev(torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
     assert isinstance(keep_t, torch.Tensor) and keep_t.dtype == torch.int64
     assert keep_t.tolist() == expected
+
+
+def test_nms_bev_matrix_and_streaming_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    centres = random_boxes(rng, 20, spread=30.0)
+    boxes = np.repeat(centres, 15, axis=0)  # 300 candidates, as the detection head's pre-NMS cap
+    boxes[:, :2] += rng.normal(0, 0.5, (len(boxes), 2))
+    boxes[:, 6] += rng.normal(0, 0.2, len(boxes))
+    scores = rng.uniform(0, 1, len(boxes))
+    expected = ref_greedy_nms(ref_bev_iou(boxes, boxes), scores, 0.2)
+    assert nms_bev(boxes, scores, 0.2).tolist() == expected
+    monkeypatch.setattr(box_ops, "_NMS_MATRIX_MAX", 10)  # force the per-kept-box path
+    assert nms_bev(boxes, scores, 0.2).tolist() == expected
 
 
 def test_nms_bev_edges() -> None:
