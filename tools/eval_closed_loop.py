@@ -15,16 +15,21 @@ deviation over the seeds of each name (the planner comparison, see docs/planning
 (``OUT/<scenario>_seed<seed>.gif``): controlled vehicles thick, vehicles the ego knows about
 green, the others grey dashed.
 
+``--workers N`` spreads the episodes over N Ray workers (a local cluster, or ``--ray-address``
+for an existing one) in chunks of consecutive seeds; each task loads the checkpoint once. An
+episode depends only on its seed (a stochastic policy samples from a generator seeded with it),
+so ``eval.json`` is the same as the serial run's. A failed chunk is retried and reported.
+
 Example:
     python tools/eval_closed_loop.py --checkpoint outputs/planner/merge_s0/checkpoint.pt \\
-        --scenario merge --episodes 50 --obs visible --out outputs/eval/merge_s0
+        --scenario merge --episodes 50 --obs visible --out outputs/eval/merge_s0 --workers 4
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
 import re
 import sys
 from dataclasses import replace
@@ -38,17 +43,21 @@ from datasets.io import atomic_path, atomic_write_text
 from models.config import ConfigError, apply_overrides
 from models.planning.experiment import (
     EpisodeResult,
-    Policy,
+    EvalChunk,
     aggregate_over_seeds,
     env_config_for_eval,
     eval_seeds,
+    evaluate_chunk,
     load_checkpoint,
-    run_episode,
     summarize,
 )
-from sim.env import CoopDrivingEnv, EnvConfig
+from sim.env import EnvConfig
 from sim.env_obs import ObsMode
 from sim.scenarios import SCENARIOS
+from sim.workers import Job, JobFailed, run_jobs
+
+# errors of the settings (a retry would fail the same way): reported with exit status 2
+_SETTINGS_ERRORS = (ValueError, FileNotFoundError)
 
 _METRICS = (
     ("success_rate", "success", "{:.2f}"),
@@ -87,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stochastic", action="store_true", help="sample actions instead of the most likely")
     parser.add_argument("--record", action="store_true", help="write a BEV animation of the first episode")
     parser.add_argument(
+        "--workers", type=int, default=0, help="Ray workers (0: serial in this process; N: N Ray workers)"
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (with --workers N: N tasks at a time)"
+    )
+    parser.add_argument("--max-retries", type=int, default=2, help="further attempts of a failed chunk")
+    parser.add_argument(
         "overrides", nargs="*", help="env.key=value overrides of the env config (e.g. env.channel=ideal)"
     )
     args = parser.parse_args(argv)
@@ -94,28 +110,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give either --checkpoint or --aggregate")
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
+    if args.workers < 0 or args.max_retries < 0:
+        parser.error("--workers and --max-retries must be >= 0")
+    if args.ray_address is not None and args.workers < 1:
+        parser.error("--ray-address needs --workers N >= 1 (how many tasks at a time)")
     for name in args.scenario or []:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; valid scenarios: {', '.join(SCENARIOS)}")
     if args.obs is not None and args.obs not in {m.value for m in ObsMode}:
         parser.error(f"unknown --obs {args.obs!r}; valid: {', '.join(m.value for m in ObsMode)}")
     return args
-
-
-def _snapshot(env: CoopDrivingEnv) -> dict:
-    """What a BEV frame needs from the env now."""
-    frame = env.frame
-    assert frame is not None
-    ego = env.possible_agents[0]
-    return {
-        "time_s": frame.time_s,
-        "boxes": frame.boxes_world.copy(),
-        "ids": frame.agent_ids.copy(),
-        "agents": [env.vehicle_id(a) for a in env.possible_agents],
-        "ego": env.vehicle_id(ego),
-        "known": env.known_ids(ego),
-        "collisions": list(frame.collisions),
-    }
 
 
 def write_animation(path: Path, frames: list[dict], title: str) -> Path:
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {PERCEPTION_UNAVAILABLE}", file=sys.stderr)
         return 2
     try:
-        checkpoint, config = load_checkpoint(args.checkpoint)
+        _, config = load_checkpoint(args.checkpoint)
         env_overrides = [o.split(".", 1)[1] for o in args.overrides if o.startswith("env.")]
         if len(env_overrides) != len(args.overrides):
             raise ConfigError("only env.* overrides are accepted here, e.g. env.channel=ideal")
@@ -207,65 +211,90 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     scenarios = args.scenario or [config.env.scenario]
+    try:
+        for scenario in scenarios:
+            env_config_for_eval(config, scenario, args.obs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.out or args.checkpoint.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
+    # chunks of consecutive seeds: the whole scenario when serial, else about two per worker
+    seeds = eval_seeds(args.episodes, args.seed_offset)
+    serial = args.workers == 0 and args.ray_address is None
+    size = len(seeds) if serial else math.ceil(len(seeds) / (2 * args.workers))
+    bar = tqdm(total=len(scenarios) * len(seeds), desc="episodes", unit="episode")
+    jobs = []
+    for scenario in scenarios:
+        for start in range(0, len(seeds), size):
+            chunk = EvalChunk(
+                checkpoint=str(args.checkpoint.resolve()),
+                config=config,
+                scenario=scenario,
+                obs=args.obs,
+                seeds=tuple(seeds[start : start + size]),
+                deterministic=not args.stochastic,
+                record_first=args.record and start == 0,
+            )
+            progress = {"on_episode": lambda _: bar.update(1)} if serial else {}
+            name = f"{scenario} episodes {start}-{start + len(chunk.seeds) - 1}"
+            jobs.append(Job(name, evaluate_chunk, (chunk,), progress))
+    results_of_job: dict[int, list[EpisodeResult]] = {}
+    try:
+        for done in run_jobs(
+            jobs,
+            workers=args.workers,
+            ray_address=args.ray_address,
+            max_retries=args.max_retries,
+            fatal=_SETTINGS_ERRORS,
+            on_retry=lambda event: bar.write(f"warning: {event}", file=sys.stderr),
+        ):
+            results_of_job[done.index] = done.value
+            if not serial:
+                bar.update(len(done.value))
+            chunk = jobs[done.index].args[0]
+            if chunk.record_first:
+                first = done.value[0]
+                title = f"{chunk.scenario} ({args.obs or config.env.obs})"
+                path = write_animation(out / f"{chunk.scenario}_seed{first.seed}.gif", first.frames, title)
+                first.frames = []
+                bar.write(f"recorded {path}")
+    except JobFailed as err:
+        bar.close()
+        if not isinstance(err.cause, _SETTINGS_ERRORS):
+            print(err.details, file=sys.stderr)  # the last attempt's traceback
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bar.close()
+
+    # per-episode results in scenario order, then seed order: the same as a serial run
     per_scenario: dict[str, dict[str, float]] = {}
     all_results: list[EpisodeResult] = []
-    episodes_json = []
     for scenario in scenarios:
-        try:
-            env_cfg = env_config_for_eval(config, scenario, args.obs)
-            env = CoopDrivingEnv(env_cfg, seed=0)
-            policy = Policy(
-                checkpoint,
-                config,
-                env.action_space(env.possible_agents[0]),
-                env.possible_agents,
-                deterministic=not args.stochastic,
-            )
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        id_dim = len(env.possible_agents) if config.learner.agent_id_in_obs else 0
-        if int(checkpoint["actor_dim"]) != env.obs_dim + id_dim:
-            print(
-                f"error: the checkpoint's policy takes {checkpoint['actor_dim'] - id_dim} observation "
-                "features, "
-                f"the {scenario} env gives {env.obs_dim}",
-                file=sys.stderr,
-            )
-            return 2
-        results = []
-        generator = torch.Generator().manual_seed(0)
-        for k, seed in enumerate(
-            tqdm(eval_seeds(args.episodes, args.seed_offset), desc=scenario, unit="episode")
-        ):
-            policy.reset()
-            record = _snapshot if (args.record and k == 0) else None
-            result = run_episode(env, functools.partial(policy.act, generator=generator), seed, record=record)
-            if record is not None:
-                path = write_animation(
-                    out / f"{scenario}_seed{seed}.gif", result.frames, f"{scenario} ({env_cfg.obs})"
-                )
-                print(f"recorded {path}")
-                result.frames = []
-            results.append(result)
-            episodes_json.append(
-                {
-                    "scenario": scenario,
-                    "seed": seed,
-                    "success": result.success,
-                    "collision": result.collision,
-                    "timeout": result.timeout,
-                    "duration_s": result.duration_s,
-                    "bytes_sent": result.bytes_sent,
-                    "agents": result.agents,
-                }
-            )
-        env.close()
+        results = [
+            result
+            for index, job in enumerate(jobs)
+            if job.args[0].scenario == scenario
+            for result in results_of_job[index]
+        ]
         per_scenario[scenario] = summarize(results)
         all_results.extend(results)
+    episodes_json = [
+        {
+            "scenario": result.scenario,
+            "seed": result.seed,
+            "success": result.success,
+            "collision": result.collision,
+            "timeout": result.timeout,
+            "duration_s": result.duration_s,
+            "bytes_sent": result.bytes_sent,
+            "agents": result.agents,
+        }
+        for result in all_results
+    ]
     overall = summarize(all_results)
     obs_name = args.obs or config.env.obs
     report = {

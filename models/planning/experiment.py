@@ -9,11 +9,14 @@
   (temporary file + ``os.replace``) holding the trainer state and the resolved config;
 - :class:`Policy`: the trained actor acting on env observation dicts (deterministic or sampled,
   recurrent state carried per agent);
-- :func:`run_episode` and :func:`summarize`: closed-loop evaluation and its metrics.
+- :func:`run_episode` and :func:`summarize`: closed-loop evaluation and its metrics;
+- :class:`EvalChunk` and :func:`evaluate_chunk`: consecutive evaluation episodes of one scenario
+  as a self-contained job (checkpoint path in, results out) for ``sim.workers.run_jobs``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,12 +35,15 @@ from sim.env import EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig
 __all__ = [
     "CHECKPOINT_VERSION",
     "EpisodeResult",
+    "EvalChunk",
     "PlannerConfig",
     "Policy",
     "RunConfig",
     "aggregate_over_seeds",
+    "bev_snapshot",
     "env_config_for_eval",
     "eval_seeds",
+    "evaluate_chunk",
     "load_checkpoint",
     "make_env_fns",
     "run_episode",
@@ -149,7 +155,8 @@ class Policy:
     def act(
         self, observations: dict[str, np.ndarray], generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Actions for the agents in ``observations``."""
+        """Actions for the agents in ``observations``; a stochastic policy samples from ``generator``
+        (the global torch generator if None)."""
         names = list(observations)
         if not names:
             return {}
@@ -172,6 +179,10 @@ class Policy:
             actions = torch.multinomial(dist.probs.reshape(len(names), -1), 1, generator=generator).reshape(
                 1, -1
             )
+        elif generator is not None:  # diagonal Normal: mean + std * noise from the given generator
+            normal = dist.base_dist
+            noise = torch.randn(normal.loc.shape, generator=generator, dtype=normal.loc.dtype)
+            actions = normal.loc + normal.scale * noise
         else:
             actions = dist.sample()
         if h_next is not None:
@@ -312,3 +323,86 @@ def env_config_for_eval(config: PlannerConfig, scenario: str | None, obs: str | 
         env = replace(env, obs=obs)
     env.validate()
     return env
+
+
+def bev_snapshot(env: CoopDrivingEnv) -> dict[str, Any]:
+    """What a BEV frame of ``--record`` needs from the env now (boxes (M, 7) world, their ids,
+    the controlled vehicles, the ego and the ids it knows about, collisions)."""
+    frame = env.frame
+    assert frame is not None
+    ego = env.possible_agents[0]
+    return {
+        "time_s": frame.time_s,
+        "boxes": frame.boxes_world.copy(),
+        "ids": frame.agent_ids.copy(),
+        "agents": [env.vehicle_id(a) for a in env.possible_agents],
+        "ego": env.vehicle_id(ego),
+        "known": env.known_ids(ego),
+        "collisions": list(frame.collisions),
+    }
+
+
+@dataclass(frozen=True)
+class EvalChunk:
+    """Consecutive held-out episodes of one scenario, evaluated by one job (one process).
+
+    Everything is plain data, so a chunk can be sent to a Ray worker; the worker loads the
+    checkpoint once and plays the seeds in order. Each episode's result depends only on its seed
+    (the env is reset with it, the policy's recurrent state is cleared, and a stochastic policy
+    samples from a generator seeded with it), so chunks may be split and run anywhere.
+
+    Attributes:
+        checkpoint: path of the planner checkpoint (:func:`load_checkpoint`).
+        config: the config to evaluate with: the checkpoint's, env overrides applied.
+        scenario: the scenario played.
+        obs: the observation source (None: the config's).
+        seeds: scenario seeds, in play order.
+        deterministic: act with the most likely action instead of sampling.
+        record_first: record :func:`bev_snapshot` frames of the first episode
+            (``EpisodeResult.frames``).
+    """
+
+    checkpoint: str
+    config: PlannerConfig
+    scenario: str
+    obs: str | None
+    seeds: tuple[int, ...]
+    deterministic: bool = True
+    record_first: bool = False
+
+
+def evaluate_chunk(
+    chunk: EvalChunk, on_episode: Callable[[EpisodeResult], None] | None = None
+) -> list[EpisodeResult]:
+    """Play the chunk's episodes; one :class:`EpisodeResult` per seed, in order.
+
+    ``on_episode`` is called after each episode (a progress bar in the serial case).
+
+    Raises:
+        ValueError: the scenario or observation source does not fit the checkpoint's policy.
+    """
+    checkpoint, _ = load_checkpoint(chunk.checkpoint)
+    env = CoopDrivingEnv(env_config_for_eval(chunk.config, chunk.scenario, chunk.obs), seed=0)
+    try:
+        agents = env.possible_agents
+        policy = Policy(
+            checkpoint, chunk.config, env.action_space(agents[0]), agents, deterministic=chunk.deterministic
+        )
+        id_dim = len(agents) if chunk.config.learner.agent_id_in_obs else 0
+        if int(checkpoint["actor_dim"]) != env.obs_dim + id_dim:
+            raise ValueError(
+                f"the checkpoint's policy takes {int(checkpoint['actor_dim']) - id_dim} observation "
+                f"features, the {chunk.scenario} env gives {env.obs_dim}"
+            )
+        results = []
+        for k, seed in enumerate(chunk.seeds):
+            policy.reset()
+            generator = torch.Generator().manual_seed(seed)
+            record = bev_snapshot if (chunk.record_first and k == 0) else None
+            act = functools.partial(policy.act, generator=generator)
+            results.append(run_episode(env, act, seed, record=record))
+            if on_episode is not None:
+                on_episode(results[-1])
+    finally:
+        env.close()
+    return results
