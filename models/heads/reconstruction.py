@@ -36,7 +36,9 @@ from torch import nn
 
 from datasets.voxelize import VoxelGrid
 from models.bev import BevGrid
+from models.distributed import loss_normaliser
 from models.losses import sigmoid_focal_loss
+from models.sparse_backbone import VoxelBatchNorm1d
 from models.spconv_cpu import enable_cpu_backward
 
 enable_cpu_backward()
@@ -135,7 +137,7 @@ def _keys(coords_bzyx: torch.Tensor, shape_zyx: tuple[int, int, int]) -> torch.T
 
 
 def _norm_act(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU()]
+    return [VoxelBatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU()]
 
 
 class ReconstructionHead(nn.Module):
@@ -249,12 +251,18 @@ class ReconstructionHead(nn.Module):
     # ---------------------------------------------------------------------------------------- loss
 
     def _binary(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.numel() == 0:
-            return logits.sum() * 0.0
+        """Focal loss over the positives or BCE mean, normalised over the whole batch (every
+        process's, under DDP: the normaliser is reduced even where this process has no logits)."""
         target = target.to(logits.dtype)
         if self.config.occupancy_loss == "focal":
-            return sigmoid_focal_loss(logits, target).sum() / target.sum().clamp(min=1.0)
-        return F.binary_cross_entropy_with_logits(logits, target)
+            normaliser = loss_normaliser(target.sum())
+            if logits.numel() == 0:
+                return logits.sum() * 0.0
+            return sigmoid_focal_loss(logits, target).sum() / normaliser
+        count = loss_normaliser(logits.new_tensor(float(logits.numel())))
+        if logits.numel() == 0:
+            return logits.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / count
 
     def loss(
         self,
@@ -288,5 +296,6 @@ class ReconstructionHead(nn.Module):
         if cfg.bev:
             if holistic_bev is None:
                 raise ValueError("the BEV target needs the holistic BEV features")
-            bev = cfg.bev_weight * F.mse_loss(output.bev_features, holistic_bev.detach())
+            squared = F.mse_loss(output.bev_features, holistic_bev.detach(), reduction="sum")
+            bev = cfg.bev_weight * (squared / loss_normaliser(squared.new_tensor(float(holistic_bev.numel()))))
         return ReconstructionLoss(occ, bev)

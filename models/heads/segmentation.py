@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.bev import BevGrid
+from models.distributed import loss_normaliser
 from sim.box_ops import points_in_boxes
 from sim.types import Semantic
 
@@ -68,10 +69,14 @@ class BevSegmentationHead(nn.Module):
         return self.net(features)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Weighted cross-entropy over observed cells; (N, 3, H, W) logits, (N, H, W) int64 targets."""
-        if not bool((targets != IGNORE_INDEX).any()):
+        """Weighted cross-entropy over observed cells; (N, 3, H, W) logits, (N, H, W) int64 targets.
+
+        The mean is over the whole batch's observed cells (every process's, under DDP)."""
+        observed = loss_normaliser((targets != IGNORE_INDEX).sum().to(logits.dtype), minimum=0.0)
+        if not bool(observed > 0):
             return logits.sum() * 0.0
-        return self.config.loss_weight * F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        summed = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return self.config.loss_weight * (summed / observed)
 
 
 def bev_semantic_targets(
