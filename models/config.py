@@ -77,7 +77,10 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 def _convert(value: Any, tp: Any, where: str, from_string: bool) -> Any:
     """Convert ``value`` to type ``tp``; ``from_string``: the value came from a command line."""
     optional, inner = _is_optional(tp)
-    if value is None or (from_string and isinstance(value, str) and value.strip().lower() in _NONE_STRINGS):
+    # "none" / "null" on a command line mean None only where None is allowed, so that a string
+    # field or a literal such as fusion method "none" still takes the word
+    none_string = from_string and isinstance(value, str) and value.strip().lower() in _NONE_STRINGS
+    if value is None or (none_string and (optional or tp is Any)):
         if optional or tp is Any:
             return None
         raise ConfigError(f"{where}: None is not allowed (type {_type_name(tp)})")

@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed), then the main job on the embedded simulator: a small dataset on every
-# scenario and a bird's-eye-view picture of each run. Output: outputs/demo/ (override with OUT=...).
+# Set up .venv (if needed), then the main job: the whole stack end to end on the embedded simulator
+# (tools/pipeline.py with configs/pipeline/demo.yaml, under 15 minutes on 2 CPU cores): a small
+# dataset, an ego-only and a cooperative detector trained and evaluated (AP, bytes, latency),
+# planners with ego-only and cooperative observations evaluated closed loop, pictures, and
+# outputs/demo/report.md. Override the folder with OUT=...; extra arguments are key.sub=value
+# overrides of the pipeline config (e.g. perception.steps=100). Re-running resumes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-PY=.venv/bin/python
 OUT=${OUT:-outputs/demo}
-FRAMES=${FRAMES:-10}
-
-for scenario in overtaking left_turn red_light merge random_traffic; do
-  "$PY" tools/generate.py --scenario "$scenario" --frames "$FRAMES" --seed 0 --out "$OUT/dataset" --lidar hdl64
-done
-"$PY" tools/visualize.py "$OUT/dataset" --out "$OUT/bev" --frame 0 --range 60
-echo "dataset: $OUT/dataset   pictures: $OUT/bev"
+.venv/bin/python tools/pipeline.py --config configs/pipeline/demo.yaml --out "$OUT" "$@"

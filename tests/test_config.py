@@ -172,3 +172,17 @@ def test_planner_configs_in_the_repository_load():
         cfg = load_config(PlannerConfig, path)
         cfg.validate()
         assert cfg.env.scenario in path.stem
+
+
+@dataclass(frozen=True)
+class WithNoneWord:
+    method: Literal["none", "early"] = "early"
+    label: str = "x"
+    limit: float | None = 1.0
+
+
+def test_none_word_on_the_command_line_is_none_only_where_none_is_allowed():
+    cfg = apply_overrides(WithNoneWord(), ["method=none", "label=none", "limit=none"])
+    assert cfg == WithNoneWord(method="none", label="none", limit=None)
+    with pytest.raises(ConfigError, match="method"):
+        apply_overrides(WithNoneWord(), ["method=null"])  # not a valid literal, and None is not allowed
