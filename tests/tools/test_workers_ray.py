@@ -207,14 +207,20 @@ def ray_cluster():
 
     # the jobs below are defined in this test module, which Ray workers cannot import by name
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # children from earlier tests in the same session (e.g. multiprocessing's resource tracker) are not Ray's
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+    def started_by_ray() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
     deadline = time.monotonic() + 30.0
-    while psutil.Process().children(recursive=True) and time.monotonic() < deadline:
+    while started_by_ray() and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = [p.name() for p in psutil.Process().children(recursive=True)]
+    left = [p.name() for p in started_by_ray()]
     assert left == [], f"Ray processes left running: {left}"
 
 
