@@ -45,14 +45,15 @@ class VoxelBatchNorm1d(nn.BatchNorm1d):
     float64: the statistics are then those of the set of voxels, which is what lets a batch split
     over processes (``models/distributed.py``) normalise exactly as the whole batch in one process.
     Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d`` (results differ from it in
-    the last bits); CUDA inputs go straight through. Not slower: 16.6 against 19.4 ms forward and
-    backward for (57000, 32) features on one CPU thread.
+    the last bits); CUDA inputs and eval mode (no statistics computed) go straight through. Costs:
+    16.6 against 19.4 ms forward and backward for (57000, 32) features on one CPU thread, but about
+    4x BatchNorm1d's 0.09 ms for (3000, 32) in training.
     """
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(V, C) -> (V, C)."""
-        if features.dim() != 2 or features.device.type != "cpu":
-            return super().forward(features)
+        if not self.training or features.dim() != 2 or features.device.type != "cpu":
+            return super().forward(features)  # eval: running statistics, an element-wise affine map
         channels_first = features.t().contiguous().unsqueeze(0)  # (1, C, V), contiguous
         return super().forward(channels_first).squeeze(0).t().contiguous()
 
