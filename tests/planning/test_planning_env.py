@@ -119,10 +119,10 @@ def test_cooperation_reveals_the_hidden_vehicle_and_costs_bytes():
 
 def test_lane_change_onto_the_oncoming_lane_to_overtake():
     env = _env(scenario="overtaking", obs="oracle")
-    obs, _ = env.reset(seed=5)
+    obs, _ = env.reset(seed=0)  # the hidden oncoming car comes late on this seed
     assert _feature(obs["cav_0"], "lane_left") == 1.0 and _feature(obs["cav_0"], "lane_right") == 0.0
     obs, *_ = env.step({"cav_0": int(A.LANE_LEFT)})
-    for _ in range(12):
+    for _ in range(16):  # at the truck's walking pace the lane change takes a while
         obs, *_ = env.step({"cav_0": int(A.IDLE)})
     assert not env.frame.collisions
     me = env.frame.agent(env.vehicle_id("cav_0"))
@@ -256,3 +256,53 @@ def test_world_queries_for_planners():
         world.route_of(10_000)
     assert world.static_geometry().num_triangles > 0
     assert world.signal_state(0, 0.0) in ("green", "yellow", "red")
+
+
+@pytest.mark.parametrize("scenario", ["red_light", "left_turn"])
+def test_no_fixed_timing_succeeds_on_every_seed(scenario):
+    """Braking for a fixed time and then driving at full speed: going at once meets an early
+    hidden vehicle on some seeds, a short wait meets a late one, a long wait runs out of time."""
+    env = _env(scenario=scenario, obs="oracle")
+    step_s = env.dt * env.config.decision_ticks
+    for delay_s in (0.0, 0.6, 1.6):
+        outcomes = []
+        for seed in range(6):
+            env.reset(seed=seed)
+            t = 0.0
+            while env.agents:
+                action = A.SLOWER if t < delay_s - 1e-9 else A.FASTER
+                _, _, _, _, info = env.step({"cav_0": int(action)})
+                t += step_s
+            outcomes.append(info["cav_0"]["episode"])
+        successes = sum(e["success"] for e in outcomes)
+        if delay_s < 1.0:
+            assert 0 < successes < len(outcomes), (delay_s, outcomes)
+            assert all(e["success"] or e["collision"] for e in outcomes)
+        else:
+            assert successes == 0 and any(e["timeout"] for e in outcomes), outcomes
+
+
+def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path):
+    """bench/scripted_policies.py end to end on two held-out red_light seeds."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "scripted.json"
+    args = ["--scenarios", "red_light", "--episodes", "2", "--delays", "0", "--json", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "scripted_policies.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| red_light | informed visible | 2 |" in result.stdout
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"blind d=0s", "informed ego_only", "informed visible", "informed oracle"}
+    assert rows["informed visible"]["success"] == 1.0
+    for r in rows.values():
+        assert r["success"] + r["collision"] + r["timeout"] == pytest.approx(1.0)

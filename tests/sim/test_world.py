@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import world_suite
 
-from sim.scenarios import SCENARIOS
+from sim.scenarios import SCENARIOS, build_scenario, fastest_arrival_s, route_crossing
 from sim.types import Role, VehicleControl
 from sim.world import EmbeddedWorld, make_world
 
@@ -137,3 +137,32 @@ def test_no_collisions_in_autopilot_traffic():
     for _ in range(80):
         frame = world.step()
         assert not frame.collisions, frame.collisions
+
+
+@pytest.mark.parametrize(
+    ("scenario", "ego_route", "hidden_route"),
+    [("left_turn", "S_left", "N_straight"), ("red_light", "W_straight_inner", "S_straight")],
+)
+def test_hidden_vehicle_timing_varies_so_no_fixed_delay_fits_every_seed(scenario, ego_route, hidden_route):
+    """The hidden vehicle reaches the ego's path sometimes about when the ego would at full speed
+    and sometimes clearly later, so neither going at once nor any one delay suits every seed."""
+    offsets = []
+    for seed in range(12):
+        spec = build_scenario(scenario, np.random.default_rng(seed))
+        ego, hidden = spec.actors[spec.ego_index], spec.actors[spec.hidden_indices[0]]
+        route = spec.layout.route(ego_route)
+        s_ego, s_hidden = route_crossing(spec.layout, ego_route, hidden_route, (150.0, 230.0))
+        t_ego = fastest_arrival_s(s_ego - ego.s, ego.speed, route.speed_limit)
+        offsets.append((s_hidden - hidden.s) / hidden.speed - t_ego)
+    offsets = np.array(offsets)
+    early, late = offsets < 0.3, offsets > 0.5
+    assert np.all(early | late), offsets  # nothing in between: the modes are told apart by timing
+    assert 3 <= early.sum() <= 9, offsets  # both happen on a handful of seeds
+
+
+def test_fastest_arrival_matches_the_simple_kinematics():
+    assert fastest_arrival_s(0.0, 5.0, 10.0) == pytest.approx(0.15)
+    # already at the limit: distance / speed
+    assert fastest_arrival_s(30.0, 10.0, 10.0) == pytest.approx(0.15 + 3.0)
+    # from rest: 4 m/s^2 for 2.5 s covers 12.5 m, then 10 m/s
+    assert fastest_arrival_s(22.5, 0.0, 10.0) == pytest.approx(0.15 + 2.5 + 1.0)
