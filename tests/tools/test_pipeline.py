@@ -218,3 +218,18 @@ def test_demo_config_loads_and_holds_out_its_test_seeds():
     planners = pipeline.planner_configs(cfg)
     assert [p.env.obs for p in planners.values()] == ["ego_only", "visible"]
     assert {p.env.scenario for p in planners.values()} == {"red_light"}
+
+
+def test_every_demo_run_can_place_its_connected_vehicles():
+    """The demo's data stage would stop on a scenario that cannot place ``data.cavs`` connected
+    vehicles; scenarios change, so check each run's reset (no LiDAR cast)."""
+    from sim.world import make_world
+
+    cfg = pipeline.load_config(pipeline.PipelineConfig, DEMO)
+    for runs in (cfg.data.train_runs, cfg.data.test_runs):
+        for scenario, seed in pipeline.parse_runs(runs, "runs"):
+            world = make_world(scenario, lidar=cfg.data.lidar, cavs=cfg.data.cavs)
+            world.sensors_enabled = False
+            frame = world.reset(seed)
+            assert len(frame.connected_ids) == cfg.data.cavs, (scenario, seed)
+            world.close()
