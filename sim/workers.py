@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Job", "JobAttemptFailed", "JobFailed", "JobResult", "run_jobs"]
+__all__ = ["Job", "JobAttemptFailed", "JobFailed", "JobResult", "exit_status_of", "run_jobs"]
 
 T = TypeVar("T")
 
@@ -119,6 +119,19 @@ class JobFailed(RuntimeError):
         self.details = details
         plural = "s" if attempts != 1 else ""
         super().__init__(f"job {name!r} failed after {attempts} attempt{plural}: {error}")
+
+
+def exit_status_of(err: JobFailed, settings_errors: tuple[type[BaseException], ...]) -> int:
+    """Print a failed job for a command-line tool and return its exit status: 2 for a settings
+    error (the message only), 1 otherwise (the last attempt's traceback, then the message)."""
+    import sys
+
+    if isinstance(err.cause, settings_errors):
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(err.details, file=sys.stderr)
+    print(f"error: {err}", file=sys.stderr)
+    return 1
 
 
 def _log_retry(event: JobAttemptFailed) -> None:

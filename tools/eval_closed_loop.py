@@ -54,7 +54,7 @@ from models.planning.experiment import (
 from sim.env import EnvConfig
 from sim.env_obs import ObsMode
 from sim.scenarios import SCENARIOS
-from sim.workers import Job, JobFailed, run_jobs
+from sim.workers import Job, JobFailed, exit_status_of, run_jobs
 
 # errors of the settings (a retry would fail the same way): reported with exit status 2
 _SETTINGS_ERRORS = (ValueError, FileNotFoundError)
@@ -262,12 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.write(f"recorded {path}")
     except JobFailed as err:
         bar.close()
-        if not isinstance(err.cause, _SETTINGS_ERRORS):
-            print(err.details, file=sys.stderr)  # the last attempt's traceback
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_status_of(err, _SETTINGS_ERRORS)
     bar.close()
 
     # per-episode results in scenario order, then seed order: the same as a serial run

@@ -38,7 +38,7 @@ from datasets.native import (
 from sim.carla_world import CarlaError, make_carla_world
 from sim.lidar import LIDAR_PRESETS
 from sim.scenarios import SCENARIOS
-from sim.workers import Job, JobFailed, run_jobs
+from sim.workers import Job, JobFailed, exit_status_of, run_jobs
 from sim.world import make_world
 
 # errors of the settings (a retry would fail the same way): reported with exit status 2
@@ -294,12 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
     except JobFailed as err:
         bar.close()
-        if not isinstance(err.cause, _SETTINGS_ERRORS):
-            print(err.details, file=sys.stderr)  # the last attempt's traceback
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_status_of(err, _SETTINGS_ERRORS)
     bar.close()
     print(f"{len(jobs)} run(s) complete under {args.out / args.split}")
     return 0
