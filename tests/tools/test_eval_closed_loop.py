@@ -6,10 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from models.config import apply_overrides
-from models.planning.experiment import PlannerConfig, make_env_fns, save_checkpoint
-from models.planning.mappo import MAPPOTrainer
+from planner_fixtures import untrained_red_light_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "eval_closed_loop.py"
@@ -18,20 +15,7 @@ SCRIPT = ROOT / "tools" / "eval_closed_loop.py"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained single-agent policy (the metrics' plumbing does not need a good one)."""
-    config = apply_overrides(
-        PlannerConfig(),
-        [
-            "env.scenario=red_light",
-            "env.controlled=ego",
-            "env.obs=visible",
-            "learner.num_envs=1",
-            "learner.network.hidden_sizes=16",
-        ],
-    )
-    trainer = MAPPOTrainer(make_env_fns(config.env, 1, 0), config.learner)
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", trainer, config)
-    trainer.close()
-    return path
+    return untrained_red_light_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_real_run_writes_json_markdown_and_an_animation(checkpoint, tmp_path):

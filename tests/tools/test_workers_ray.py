@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+from planner_fixtures import untrained_red_light_checkpoint
 
 from datasets.native import list_cavs
 from models.config import apply_overrides
-from models.planning.experiment import PlannerConfig, Policy, make_env_fns, save_checkpoint
-from models.planning.mappo import MAPPOTrainer
+from models.planning.experiment import PlannerConfig, Policy
 from models.planning.networks import Actor
 from sim.workers import Job, JobAttemptFailed, JobFailed, run_jobs
 
@@ -111,20 +111,7 @@ def test_generate_run_lists_and_a_failed_run_named(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained single-agent policy (equal results need no good one)."""
-    config = apply_overrides(
-        PlannerConfig(),
-        [
-            "env.scenario=red_light",
-            "env.controlled=ego",
-            "env.obs=visible",
-            "learner.num_envs=1",
-            "learner.network.hidden_sizes=16",
-        ],
-    )
-    trainer = MAPPOTrainer(make_env_fns(config.env, 1, 0), config.learner)
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", trainer, config)
-    trainer.close()
-    return path
+    return untrained_red_light_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_eval_with_workers_gives_the_serial_json(checkpoint, tmp_path):
