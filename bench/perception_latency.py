@@ -38,7 +38,7 @@ import torch
 from datasets.collate import CoopCollate
 from datasets.coop_dataset import CoopDataset
 from models.comm import LinkConfig, V2XLink
-from models.experiment import load_experiment
+from models.experiment import load_experiment, resolve_device
 from models.heads.detection import DetectionHeadConfig
 from models.perception import CooperativePerception
 
@@ -47,14 +47,22 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "early", "late", "attfuse", "attfuse_keypoints", "core", "core_reconstruction")
 
 
-def timed(fn, repeats: int, warmup: int) -> np.ndarray:
-    """Wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+def timed(fn, repeats: int, warmup: int, device: torch.device) -> np.ndarray:
+    """Wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls (on CUDA,
+    each call waits for the GPU's queued work before the clock stops)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         out.append(1000.0 * (time.perf_counter() - start))
     return np.asarray(out)
 
@@ -70,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--frame", type=int, default=1, help="sample index in the data")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data
@@ -102,18 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         model = CooperativePerception(cfg.model).eval()
         if weights is not None:
             model.load_state_dict(weights, strict=False)
+        model = model.to(device)
         dataset_cfg = dataclasses.replace(
             cfg.dataset_config(root=str(data), split="", training=False), ego="lowest_id", comm_range_m=1000.0, max_agents=5
         )
         sample = CoopDataset(dataset_cfg)[args.frame]
-        batch = CoopCollate(cfg.model.grid)([sample])
+        batch = CoopCollate(cfg.model.grid)([sample]).to(device)
         link = V2XLink(LinkConfig())
-        others = torch.arange(1, batch.num_agents)
+        others = torch.arange(1, batch.num_agents, device=device)
         others_encode = cfg.model.fusion.method in ("late", "attfuse", "core")
         with torch.no_grad():
             forward = functools.partial(model, batch, link, with_loss=False, with_detections=True)
-            total = timed(forward, args.repeats, args.warmup)
-            encoders = timed(functools.partial(model.encode_agents, batch, others), args.repeats, args.warmup)
+            total = timed(forward, args.repeats, args.warmup, device)
+            encoders = timed(functools.partial(model.encode_agents, batch, others), args.repeats, args.warmup, device)
             output, _ = model(batch, link, with_loss=False, with_detections=True)
         rows.append(
             {
@@ -140,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['method']} | {r['agents']} | {r['all_agents_ms']:.0f} / {r['all_agents_p90_ms']:.0f} | "
             f"{r['others_encoders_ms']:.0f} | {r['ego_side_ms']:.0f} | {r['bytes_per_frame']} | {r['weights']} |"
         )
+    where = f"GPU {torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     settings = (f"{args.lidar} LiDAR, {rows[0]['points'] if rows else 0} points over {rows[0]['agents'] if rows else 0} agents, "
-                f"torch threads {args.threads}, {os.cpu_count()} CPU cores ({platform.machine()}), median of {args.repeats} runs.")
+                f"{where}torch threads {args.threads}, {os.cpu_count()} CPU cores ({platform.machine()}), median of {args.repeats} runs.")
     table = "\n".join(lines) + "\n\n" + settings + "\n"
     (args.out / "latency.md").write_text(table)
     (args.out / "latency.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2, default=str) + "\n")

@@ -9,7 +9,11 @@ in one call is a ``ValueError``. None of these is differentiable.
 Where the work is done:
 
 - Points in boxes: mmcv's ``points_in_boxes_cpu`` (``points_in_boxes_all`` for CUDA tensors),
-  float32, imported lazily so that ``import sim`` stays light.
+  float32, imported lazily so that ``import sim`` stays light. mmcv's compiled ops exist only for
+  the torch / CUDA pairs OpenMMLab builds wheels for (none for recent torch or CUDA 13); where
+  they cannot be imported, the same test (same float32 arithmetic and strict/closed bounds) runs
+  as a few torch expressions on the tensors' device, checked equal to mmcv's kernel in
+  tests/sim/test_box_ops.py.
 - BEV overlap (``bev_iou``, ``iou_3d``, ``nms_bev``): an exact float64 clipping of the two
   footprints written here. mmcv 2.1's ``box_iou_rotated`` (and ``nms_rotated``, which shares its
   kernel, and mmdet3d's ``overlaps``/``nms_bev`` built on them) returns wrong values when two
@@ -24,6 +28,7 @@ Where the work is done:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -142,12 +147,55 @@ def points_in_boxes(points: ArrayT, boxes: ArrayT) -> ArrayT:
     if n == 0 or m == 0:
         inside = torch.zeros((n, m), dtype=torch.bool, device=device)
     else:
-        from mmcv.ops import points_in_boxes_all, points_in_boxes_cpu
-
-        # mmcv takes a batch: points (1, N, 3), boxes (1, M, 7) -> (1, N, M) int
-        kernel = points_in_boxes_all if points_t.is_cuda else points_in_boxes_cpu
-        inside = kernel(points_t[None].contiguous(), boxes_t[None].contiguous())[0].bool()
+        kernel = _mmcv_points_in_boxes(points_t.is_cuda)
+        if kernel is None:
+            inside = _points_in_boxes_torch(points_t, boxes_t)
+        else:
+            # mmcv takes a batch: points (1, N, 3), boxes (1, M, 7) -> (1, N, M) int
+            inside = kernel(points_t[None].contiguous(), boxes_t[None].contiguous())[0].bool()
     return inside if as_torch else inside.numpy()
+
+
+def _mmcv_points_in_boxes(cuda: bool) -> Callable[..., Any] | None:
+    """mmcv's points-in-boxes kernel for the device, or None where mmcv's compiled ops are missing."""
+    try:
+        from mmcv.ops import points_in_boxes_all, points_in_boxes_cpu
+    except ImportError:  # mmcv absent, or mmcv-lite / a build without ops (ModuleNotFoundError included)
+        return None
+    return points_in_boxes_all if cuda else points_in_boxes_cpu
+
+
+def _points_in_boxes_torch(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """mmcv's ``check_pt_in_box3d`` as torch expressions, for machines without mmcv's compiled ops.
+
+    Written here only because mmcv ships no kernel for every torch / CUDA pair; the arithmetic
+    follows mmcv's (float32, rotation by ``-yaw``, open footprint, closed height), so the two can
+    differ only for points within float32 rounding of a box face.
+
+    Args:
+        points: (N, 3) float32 points.
+        boxes: (M, 7) float32 bottom-centre boxes.
+
+    Returns:
+        (N, M) bool.
+    """
+    import torch
+
+    half = boxes[:, 3:6] / 2.0  # (M, 3)
+    centre_z = boxes[:, 2] + half[:, 2]
+    within_z = (points[:, None, 2] - centre_z[None, :]).abs() <= half[None, :, 2]
+    shift_x = points[:, None, 0] - boxes[None, :, 0]  # (N, M)
+    shift_y = points[:, None, 1] - boxes[None, :, 1]
+    cos_a, sin_a = torch.cos(-boxes[:, 6]), torch.sin(-boxes[:, 6])
+    local_x = shift_x * cos_a + shift_y * (-sin_a)
+    local_y = shift_x * sin_a + shift_y * cos_a
+    return (
+        within_z
+        & (local_x > -half[None, :, 0])
+        & (local_x < half[None, :, 0])
+        & (local_y > -half[None, :, 1])
+        & (local_y < half[None, :, 1])
+    )
 
 
 def count_points_in_boxes(points: ArrayT, boxes: ArrayT) -> ArrayT:

@@ -1,4 +1,5 @@
-"""spconv on CPU, forward and backward, against dense torch.nn.Conv3d with the same weights.
+"""spconv on CPU (and on CUDA where a GPU is present), forward and backward, against dense
+torch.nn.Conv3d with the same weights.
 
 Coordinates are spconv's ``coords_bzyx``: (num_voxels, 4) int32 ``[batch, z, y, x]``; the dense
 equivalent is a (batch, channels, z, y, x) tensor. A submanifold convolution is the dense
@@ -21,6 +22,7 @@ from models.spconv_cpu import SpconvCpuFixes, cpu_fixes_applied, enable_cpu_back
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 TOL = 1e-4
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and the spconv-cu* wheel")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,27 +127,33 @@ def test_scatter_add_cpu_is_exact() -> None:
         (2, 2, (24, 48, 48), 4000, (4, 16, 16)),  # thousands of pairs per offset: threaded scatter
     ],
 )
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
 def test_subm_then_strided_matches_dense(
     seed: int,
     batch_size: int,
     spatial_shape: tuple[int, int, int],
     per_sample: int,
     channels: tuple[int, int, int],
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """On CPU (the ``spconv`` wheel with the fixes) and on CUDA (``spconv-cu*``, where no fix applies)."""
     import spconv.pytorch as spconv
 
+    if device == "cuda":  # the dense reference in full float32: no TF32 in cuDNN's Conv3d
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     rng = np.random.default_rng(seed)
     c_in, c_mid, c_out = channels
     coords_np = random_voxels(rng, batch_size, spatial_shape, per_sample)
-    coords = torch.from_numpy(coords_np)
-    feats = torch.from_numpy(rng.normal(size=(len(coords_np), c_in)).astype(np.float32))
+    coords = torch.from_numpy(coords_np).to(device)
+    feats = torch.from_numpy(rng.normal(size=(len(coords_np), c_in)).astype(np.float32)).to(device)
 
-    w1 = random_weight(rng, c_mid, c_in)  # torch layout (out, in, kz, ky, kx)
-    w2 = random_weight(rng, c_out, c_mid)
+    w1 = random_weight(rng, c_mid, c_in).to(device)  # torch layout (out, in, kz, ky, kx)
+    w2 = random_weight(rng, c_out, c_mid).to(device)
 
     # sparse: SubMConv3d -> SparseConv3d(stride 2)
-    subm = spconv.SubMConv3d(c_in, c_mid, 3, padding=1, bias=False, indice_key="subm1")
-    down = spconv.SparseConv3d(c_mid, c_out, 3, stride=2, padding=1, bias=False)
+    subm = spconv.SubMConv3d(c_in, c_mid, 3, padding=1, bias=False, indice_key="subm1").to(device)
+    down = spconv.SparseConv3d(c_mid, c_out, 3, stride=2, padding=1, bias=False).to(device)
     assert_krsc(subm, c_mid, c_in)
     assert_krsc(down, c_out, c_mid)
     with torch.no_grad():
@@ -162,7 +170,7 @@ def test_subm_then_strided_matches_dense(
     w1_dense = w1.clone().requires_grad_(True)
     w2_dense = w2.clone().requires_grad_(True)
     grid = scatter_dense(feats_dense, coords, batch_size, spatial_shape)
-    mask = scatter_dense(torch.ones(len(coords), 1), coords, batch_size, spatial_shape)  # (B, 1, D, H, W)
+    mask = scatter_dense(torch.ones(len(coords), 1, device=device), coords, batch_size, spatial_shape)  # (B, 1, D, H, W)
     h_dense = F.conv3d(grid, w1_dense, padding=1) * mask
     out_dense = F.conv3d(h_dense, w2_dense, stride=2, padding=1)
 
@@ -174,7 +182,7 @@ def test_subm_then_strided_matches_dense(
     torch.testing.assert_close(out_dense_sparse, out_dense, atol=TOL, rtol=TOL)
 
     # backward through a fixed random projection of the output
-    g = torch.from_numpy(rng.normal(size=tuple(out_dense.shape)).astype(np.float32))
+    g = torch.from_numpy(rng.normal(size=tuple(out_dense.shape)).astype(np.float32)).to(device)
     (out_dense_sparse * g).sum().backward()
     (out_dense * g).sum().backward()
     assert feats_sparse.grad is not None and subm.weight.grad is not None and down.weight.grad is not None
