@@ -55,6 +55,12 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+def _child_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (keeping what was there)."""
+    path = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def run(cmd: list[str], log: Path) -> float:
     """Run a command from the repository root, its output appended to ``log``; its wall-clock
     seconds; RuntimeError on failure."""
@@ -62,7 +68,7 @@ def run(cmd: list[str], log: Path) -> float:
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_child_env())
     if result.returncode != 0:
         raise RuntimeError(f"command failed ({result.returncode}), see {log}: {' '.join(cmd)}")
     return time.perf_counter() - start

@@ -16,7 +16,15 @@ things break there:
    (real scans do; a few hundred random voxels do not). The fix replaces it with torch's
    ``index_add_`` on the same memory (spconv's CPU tensors are views that numpy can share).
 
-With both, forward and backward match a dense ``torch.nn.Conv3d`` (tests/models/test_spconv_cpu.py).
+3. **A CUDA build on CPU tensors.** The CUDA wheels (``spconv-cu*``) give every layer the
+   implicit-GEMM algorithm by default, which exists on CUDA only: CPU tensors (evaluation or a
+   latency benchmark on CPU, the CPU half of a CPU-vs-GPU check) stop with "implicit gemm only
+   support cuda". The fix runs a layer whose input is on CPU with ``ConvAlgo.Native``, the only
+   CPU algorithm; weights are KRSC for every algorithm in spconv 2.3, so the same weights serve
+   both, and layers that share an indice key switch together. CUDA inputs keep the layer's own
+   algorithm.
+
+With all three, forward and backward match a dense ``torch.nn.Conv3d`` (tests/models/test_spconv_cpu.py).
 
 Model modules that use spconv do, next to their imports::
 
@@ -27,7 +35,8 @@ Model modules that use spconv do, next to their imports::
 Importing this module changes nothing; only the call does. The call is idempotent. The stream
 fix is skipped where CUDA is available or where the installed spconv's function works without
 it; the scatter-add fix is applied whenever spconv has that kernel, since the replacement is
-correct for any CPU tensor.
+correct for any CPU tensor; the algorithm fix is applied on every build (on the CPU-only build
+every layer is already native, so it changes nothing there).
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ class SpconvCpuFixes:
     """``get_current_stream`` answers 0 without CUDA (False: not needed here)."""
     serial_scatter_add: bool
     """``SpconvOps.scatter_add_cpu`` is the race-free version (False: spconv has no such kernel)."""
+    native_on_cpu: bool = False
+    """Sparse convolutions run with ``ConvAlgo.Native`` on CPU inputs."""
 
 
 def _is_spconv_module(name: str, module: ModuleType | None) -> bool:
@@ -142,15 +153,47 @@ def _fix_scatter_add() -> bool:
     return True
 
 
+def _make_native_on_cpu_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    from spconv.core import ConvAlgo
+
+    @functools.wraps(original)
+    def forward(self: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        """spconv's forward, with ``ConvAlgo.Native`` while the input is on CPU."""
+        if self.algo == ConvAlgo.Native or input.features.is_cuda:
+            return original(self, input, *args, **kwargs)
+        algo = self.algo
+        self.algo = ConvAlgo.Native
+        try:
+            return original(self, input, *args, **kwargs)
+        finally:
+            self.algo = algo
+
+    setattr(forward, _PATCH_MARK, True)
+    return forward
+
+
+def _fix_algorithm_on_cpu() -> bool:
+    from spconv.pytorch.conv import SparseConvolution
+
+    if not getattr(SparseConvolution.forward, _PATCH_MARK, False):
+        SparseConvolution.forward = _make_native_on_cpu_forward(SparseConvolution.forward)
+    return True
+
+
 def enable_cpu_backward() -> SpconvCpuFixes:
-    """Apply both CPU fixes described in the module docstring; safe to call any number of times.
+    """Apply the CPU fixes described in the module docstring; safe to call any number of times.
 
     The stream replacement goes into ``spconv.pytorch.cppcore`` (so modules imported later get it)
     and into every loaded spconv module that bound ``get_current_stream`` by name; a later call
     also covers spconv modules imported since the last one. The scatter-add replacement goes onto
-    the ``SpconvOps`` class, which every caller shares.
+    the ``SpconvOps`` class, which every caller shares, and the algorithm choice onto
+    ``SparseConvolution.forward``, which every sparse convolution layer inherits.
     """
-    return SpconvCpuFixes(stream_zero_without_cuda=_fix_stream(), serial_scatter_add=_fix_scatter_add())
+    return SpconvCpuFixes(
+        stream_zero_without_cuda=_fix_stream(),
+        serial_scatter_add=_fix_scatter_add(),
+        native_on_cpu=_fix_algorithm_on_cpu(),
+    )
 
 
 def cpu_fixes_applied() -> SpconvCpuFixes:
@@ -162,9 +205,11 @@ def cpu_fixes_applied() -> SpconvCpuFixes:
     ]
     spconv_all = sys.modules.get(_SPCONV_OPS_MODULE)
     scatter = getattr(getattr(spconv_all, "SpconvOps", None), "scatter_add_cpu", None)
+    conv = getattr(sys.modules.get("spconv.pytorch.conv"), "SparseConvolution", None)
     return SpconvCpuFixes(
         stream_zero_without_cuda=bool(bound) and all(getattr(fn, _PATCH_MARK, False) for fn in bound),
         serial_scatter_add=bool(getattr(scatter, _PATCH_MARK, False)),
+        native_on_cpu=bool(getattr(getattr(conv, "forward", None), _PATCH_MARK, False)),
     )
 
 

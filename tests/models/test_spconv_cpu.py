@@ -93,6 +93,7 @@ def test_enable_cpu_backward_is_idempotent() -> None:
     assert ops.get_current_stream is stream_fn  # no wrapper of a wrapper
     assert SpconvOps.scatter_add_cpu is scatter_fn
     assert cpu_fixes_applied() == first
+    assert first.native_on_cpu
     assert first.serial_scatter_add
     if not torch.cuda.is_available():
         assert first.stream_zero_without_cuda
@@ -100,6 +101,39 @@ def test_enable_cpu_backward_is_idempotent() -> None:
         # and the function it replaced is the one that fails without CUDA
         with pytest.raises((AssertionError, RuntimeError)):
             stream_fn.__wrapped__()
+
+
+def test_cpu_inputs_run_native_whatever_the_layers_algorithm() -> None:
+    """The CUDA wheels default layers to implicit GEMM, which has no CPU kernel; on CPU inputs the
+    fix runs them natively with the same weights (and leaves the layer's setting as it was). Here
+    the CUDA default is set by hand, since the CPU-only build refuses it at construction."""
+    import spconv.pytorch as spconv
+    from spconv.core import ConvAlgo
+    from spconv.pytorch.conv import SparseConvolution
+
+    assert enable_cpu_backward().native_on_cpu and cpu_fixes_applied().native_on_cpu
+    rng = np.random.default_rng(5)
+    coords = torch.from_numpy(random_voxels(rng, 1, (8, 12, 10), 90))
+    feats = torch.from_numpy(rng.normal(size=(90, 3)).astype(np.float32))
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(
+        spconv.SubMConv3d(3, 8, 3, padding=1, bias=False, indice_key="s1"),
+        spconv.SparseConv3d(8, 8, 3, stride=2, padding=1, bias=False, indice_key="d1"),
+        spconv.SparseInverseConv3d(8, 4, 3, bias=False, indice_key="d1"),
+    )
+    reference = net(spconv.SparseConvTensor(feats, coords, [8, 12, 10], 1)).features
+    layers = [m for m in net.modules() if isinstance(m, SparseConvolution)]
+    for layer in layers:
+        layer.algo = ConvAlgo.MaskImplicitGemm
+    leaf = feats.clone().requires_grad_(True)
+    out = net(spconv.SparseConvTensor(leaf, coords, [8, 12, 10], 1)).features
+    torch.testing.assert_close(out, reference)
+    out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    assert all(layer.algo == ConvAlgo.MaskImplicitGemm for layer in layers)
+    # without the fix the same layer stops on its CUDA-only algorithm
+    with pytest.raises(AssertionError, match="implicit gemm"):
+        SparseConvolution.forward.__wrapped__(layers[0], spconv.SparseConvTensor(feats, coords, [8, 12, 10], 1))
 
 
 def test_scatter_add_cpu_is_exact() -> None:
