@@ -70,16 +70,23 @@ def test_fusion_on_cuda_matches_cpu(method: str) -> None:
 
 @pytest.mark.parametrize("method", ["none", "early", "core"])
 def test_detections_on_cuda_match_cpu(method: str) -> None:
+    """The dense detection maps agree; the decoded boxes agree as sets. An untrained head scores
+    many anchors within float rounding of each other, so which of those near-ties make the cut
+    (and NMS's order) can differ between devices: most boxes, not all, must be found on both."""
     model = build(method).eval()
     gpu_model = copy.deepcopy(model).cuda()
     batch = CoopCollate(model.config.grid)([synthetic_sample(31, 4)])
     with torch.no_grad():
         cpu_out, _ = model(batch, V2XLink(LinkConfig()), with_loss=False, with_detections=True)
         gpu_out, _ = gpu_model(batch.to("cuda"), V2XLink(LinkConfig()), with_loss=False, with_detections=True)
-    got, want = gpu_out.detections[0], cpu_out.detections[0]
-    assert len(want) > 0 and len(got) == len(want)
-    np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3)
-    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+    for name in ("cls_logits", "box_deltas"):
+        torch.testing.assert_close(
+            getattr(gpu_out.detection_maps, name).cpu(), getattr(cpu_out.detection_maps, name), rtol=1e-3, atol=1e-3
+        )
+    got, want = gpu_out.detections[0].boxes, cpu_out.detections[0].boxes
+    assert len(want) > 10 and abs(len(got) - len(want)) <= 0.1 * len(want)
+    matched = (np.abs(got[:, None, :] - want[None, :, :]).max(axis=2) < 1e-3).any(axis=1)
+    assert matched.mean() >= 0.9, f"{matched.sum()} of {len(got)} GPU boxes found on CPU"
 
 
 @pytest.mark.slow
