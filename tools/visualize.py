@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.io import atomic_path
 from datasets.native import (
     NativeAgentFrame,
     agent_frame_paths,
@@ -148,7 +149,8 @@ def render_frame(
     )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_path(out) as tmp:  # an interrupted run leaves no half-written picture
+        fig.savefig(tmp, format="png")
     return out
 
 

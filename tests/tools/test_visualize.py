@@ -90,6 +90,27 @@ def test_yaml_input_in_the_ego_frame(dataset, tmp_path):
     _assert_png_not_blank(out)
 
 
+def test_a_failed_write_leaves_the_old_picture(dataset, tmp_path, monkeypatch):
+    """PNGs are written atomically: a render that fails mid-write keeps the previous file intact
+    and leaves no temporary file behind."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "pictures" / "keep.png"
+    yaml_path = run_path(dataset, "train", "run_b") / "9" / "000004.yaml"
+    assert main([str(yaml_path), "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def broken_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        main([str(yaml_path), "--out", str(out), "--range", "30"])
+    assert out.read_bytes() == before
+    assert [p.name for p in out.parent.iterdir()] == ["keep.png"]
+
+
 def test_dataset_dir_gives_one_png_per_run(dataset, tmp_path):
     out = tmp_path / "pngs"
     assert main([str(dataset), "--out", str(out), "--frame", "5"]) == 0
