@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataset_fixtures import generate_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "perception" / "tiny.yaml"
@@ -29,12 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(dataset root, run folder): 2 training frames, 2 test frames, a one-step tiny run."""
     root = tmp_path_factory.mktemp("eval_data")
     for seed, split in ((1, "train"), (2, "test")):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "generate.py"), "--scenario", "random_traffic", "--frames", "2",
-             "--seed", str(seed), "--out", str(root), "--lidar", "tiny", "--cavs", "3", "--split", split],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
+        generate_tiny(root, seed=seed, split=split)
     threads = torch.get_num_threads()
     runs = root / "runs"
     args = ["--config", str(CONFIG), f"data.root={root}", "train.max_steps=1", "--out", str(runs)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataset_fixtures import generate_tiny
 
 from models.experiment import load_experiment
 
@@ -27,14 +28,7 @@ def load_tool(name: str):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train_data")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "generate.py"), "--scenario", "random_traffic", "--frames", "2",
-         "--seed", "1", "--out", str(root), "--lidar", "tiny", "--cavs", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return root
+    return generate_tiny(tmp_path_factory.mktemp("train_data"), seed=1)
 
 
 @pytest.fixture(autouse=True)

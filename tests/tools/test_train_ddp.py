@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dataset_fixtures import generate_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "train.py"
@@ -32,31 +33,7 @@ def load_tool(name: str):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 samples (2 frames x 3 egos): with batch 4, an epoch is a batch of 4 and one of 2."""
-    root = tmp_path_factory.mktemp("train_ddp_data")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools" / "generate.py"),
-            "--scenario",
-            "random_traffic",
-            "--frames",
-            "2",
-            "--seed",
-            "1",
-            "--out",
-            str(root),
-            "--lidar",
-            "tiny",
-            "--cavs",
-            "3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return root
+    return generate_tiny(tmp_path_factory.mktemp("train_ddp_data"), seed=1)
 
 
 @pytest.fixture(autouse=True)
