@@ -21,12 +21,18 @@ evaluation):
   other connected vehicles see; with ``ego_only`` only what its own LiDAR sees; ``oracle`` is the
   upper bound.
 
+- **stop** (``stop``): SLOWER every decision (waits out the clock).
+
 A scenario needs cooperation when the best blind policy and ``informed ego_only`` stay low while
-``informed visible`` succeeds. Output: a markdown table (success / collision / timeout rates)
-per scenario and policy, and optionally JSON.
+``informed visible`` succeeds. Output: a markdown table (success / collision / timeout rates and
+the mean episode return under the env's reward) per scenario and policy, and optionally JSON.
+
+The return column checks a reward design: a learned planner can only be expected to find the
+informed policy if it out-earns stopping and blind timings. ``--config`` takes the reward
+(``env.reward``) from a planner config; the default is :class:`sim.env.RewardConfig`'s.
 
 Usage: ``python bench/scripted_policies.py [--scenarios left_turn red_light overtaking]
-[--episodes 40] [--json out.json]``
+[--episodes 40] [--config configs/planner/red_light.yaml] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.planning.safety import footprint_clearance
-from sim.env import EGO_FEATURES, EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig
+from sim.env import EGO_FEATURES, EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig, RewardConfig
 from sim.env_lanes import MetaAction, MetaState, plan_meta_trajectory
 from sim.geometry import wrap_angle
 
@@ -66,6 +72,8 @@ class Outcome:
     success: float
     collision: float
     timeout: float
+    mean_return: float
+    """episode return under the reward the policies were played with"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +251,10 @@ def _track_speed(ego: _Ego, desired: float, step: float = 2.5) -> int:
 Policy = Callable[[CoopDrivingEnv, np.ndarray, float, dict], int]
 
 
+def stop(env, obs, t, memory) -> int:
+    return int(A.SLOWER)
+
+
 def blind_crossing(delay_s: float) -> Policy:
     def act(env, obs, t, memory):
         return int(A.SLOWER) if t < delay_s - 1e-9 else int(A.FASTER)
@@ -365,9 +377,17 @@ def informed_overtaking(margin_m: float = 1.0, horizon_s: float = 7.0) -> Policy
 # --------------------------------------------------------------------------------------------------
 
 
-def run_policy(scenario: str, obs_mode: str, policy: Policy, episodes: int, name: str) -> Outcome:
-    env = CoopDrivingEnv(EnvConfig(scenario=scenario, obs=obs_mode), seed=0)
-    totals = {"success": 0.0, "collision": 0.0, "timeout": 0.0}
+def run_policy(
+    scenario: str,
+    obs_mode: str,
+    policy: Policy,
+    episodes: int,
+    name: str,
+    reward: RewardConfig | None = None,
+) -> Outcome:
+    config = EnvConfig(scenario=scenario, obs=obs_mode, reward=reward or RewardConfig())
+    env = CoopDrivingEnv(config, seed=0)
+    totals = {"success": 0.0, "collision": 0.0, "timeout": 0.0, "return": 0.0}
     for k in range(episodes):
         obs, _ = env.reset(seed=EVAL_SEED_OFFSET + k)
         memory: dict = {}
@@ -382,7 +402,10 @@ def run_policy(scenario: str, obs_mode: str, policy: Policy, episodes: int, name
             totals[key] += episode[key]
     env.close()
     return Outcome(
-        scenario, name, episodes, *(totals[k] / episodes for k in ("success", "collision", "timeout"))
+        scenario,
+        name,
+        episodes,
+        *(totals[k] / episodes for k in ("success", "collision", "timeout", "return")),
     )
 
 
@@ -390,7 +413,8 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
     """(name, obs mode, policy) for one scenario: the blind sweep, then the informed ones."""
     blind = blind_crossing if scenario in CROSSING else blind_overtaking
     informed = informed_crossing if scenario in CROSSING else informed_overtaking
-    out = [(f"blind d={d:g}s", "oracle", blind(d)) for d in delays]
+    out = [("stop", "oracle", stop)]
+    out += [(f"blind d={d:g}s", "oracle", blind(d)) for d in delays]
     out += [(f"informed {mode}", mode, informed()) for mode in ("ego_only", "visible", "oracle")]
     return out
 
@@ -411,21 +435,31 @@ def main() -> None:
     parser.add_argument(
         "--delays", type=float, nargs="+", help="blind commit times in s (default per scenario)"
     )
-    parser.add_argument("--only", choices=("blind", "informed"), help="run one family only")
+    parser.add_argument("--only", choices=("stop", "blind", "informed"), help="run one family only")
+    parser.add_argument(
+        "--config", help="planner config (YAML) whose env.reward the returns are computed with"
+    )
     parser.add_argument("--json", help="also write the outcomes to this JSON file")
     args = parser.parse_args()
+    reward = None
+    if args.config:
+        from models.config import load_config
+        from models.planning.experiment import PlannerConfig
+
+        reward = load_config(PlannerConfig, args.config).env.reward
     outcomes: list[Outcome] = []
     for scenario in args.scenarios:
         todo = policies_for(scenario, args.delays or DEFAULT_DELAYS[scenario])
         if args.only:
             todo = [p for p in todo if p[0].startswith(args.only)]
         for name, mode, policy in tqdm(todo, desc=scenario):
-            outcomes.append(run_policy(scenario, mode, policy, args.episodes, name))
-    print("| scenario | policy | episodes | success | collision | timeout |")
-    print("|---|---|---|---|---|---|")
+            outcomes.append(run_policy(scenario, mode, policy, args.episodes, name, reward))
+    print("| scenario | policy | episodes | success | collision | timeout | return |")
+    print("|---|---|---|---|---|---|---|")
     for o in outcomes:
         print(
-            f"| {o.scenario} | {o.policy} | {o.episodes} | {o.success:.2f} | {o.collision:.2f} | {o.timeout:.2f} |"
+            f"| {o.scenario} | {o.policy} | {o.episodes} | {o.success:.2f} | {o.collision:.2f} "
+            f"| {o.timeout:.2f} | {o.mean_return:+.2f} |"
         )
     for scenario in args.scenarios:
         blind = [o for o in outcomes if o.scenario == scenario and o.policy.startswith("blind")]

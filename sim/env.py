@@ -6,7 +6,9 @@ drives with the World's driver model. One env step is one decision held for ``de
 World ticks (0.1 s each).
 
 **Actions** (``action``): ``discrete`` = highway-env's meta-actions ``LANE_LEFT, IDLE, LANE_RIGHT,
-FASTER, SLOWER`` tracked by the low-level controller of :mod:`sim.env_lanes`; ``continuous`` =
+FASTER, SLOWER`` tracked by the low-level controller of :mod:`sim.env_lanes` (with
+``lateral_actions`` off, only ``IDLE, FASTER, SLOWER``, as highway-env's ``lateral=False``);
+``continuous`` =
 ``Box(-1, 1, (2,))`` scaled to acceleration (``-1`` = full braking, ``+1`` = full throttle) and
 front-wheel angle.
 
@@ -17,6 +19,10 @@ nearest known vehicles, all in the agent's own frame (x forward, y left):
   route, heading error, steering, whether a lane exists to the left / right, progress, distance
   and time left, the route's bends 10 / 25 / 50 m ahead, the next stop line and its signal, the
   merge lane and its end;
+- with ``conflict_features`` on, the first crossing of the agent's path by a known vehicle
+  (:data:`sim.env_conflict.CONFLICT_FEATURES`: whether there is one, the agent's distance to it,
+  when the other vehicle reaches and clears it, and when the agent would at full speed;
+  :func:`sim.env_conflict.first_conflict`);
 - per vehicle (:data:`OBJECT_FEATURES`): presence, relative position and velocity, relative
   heading, length, width; with intent sharing on, also whether the vehicle's intent was received
   and its planned position relative to the agent 0.5, 1.0 and 1.5 s ahead
@@ -29,11 +35,16 @@ observation as the ``oracle`` source would give it, then the elapsed fraction of
 ``progress``), speed, success, collision, time headway, comfort (changes of acceleration and
 steering), lane changes, red lights run, and MAPPO-PIS's merge-lane cost
 ``-exp(-(x - L)^2 / (10 L))`` while still on an on-ramp's acceleration lane (x: distance driven
-on it, L: its length).
+on it, L: its length), a timeout term, and a collision-course cost: per second, by how far the
+better way through the first crossing of the own path (going first or after the crossing vehicle
+at full speed, :mod:`sim.env_conflict`, from ground truth) falls short of keeping clear.
 
 **Episode end** per agent: collision (terminated), reaching the goal ``goal_m`` along the own route
-(terminated, success), or the time limit ``episode_s`` (truncated). A vehicle that collided
-brakes to a stop; one that succeeded drives on with the driver model.
+(terminated, success), or the time limit ``episode_s`` (truncated; a learner for which the limit
+is part of the task should not bootstrap there, see :mod:`models.planning.mappo`). A vehicle that
+collided brakes to a stop; one that succeeded drives on with the driver model.
+:meth:`CoopDrivingEnv.set_time_limit` changes the limit from the next episode on (a training
+curriculum).
 
 **V2X**: detections (``visible``) and intents (``intent``) are real :mod:`v2x` messages on one
 :class:`v2x.bus.BroadcastBus` per episode; ``bytes_sent`` counts what went on air.
@@ -48,7 +59,7 @@ the env's generator, in ``[0, EVAL_SEED_OFFSET)``, so evaluation on seeds from
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -63,6 +74,7 @@ from models.planning.safety import (
     supervise,
 )
 from sim.dynamics import MAX_ACCEL, MAX_BRAKE, MAX_STEER, bicycle_step
+from sim.env_conflict import CONFLICT_FEATURES, MARGIN_NORM_S, conflict_features, first_conflict
 from sim.env_lanes import (
     LaneMap,
     MetaAction,
@@ -131,6 +143,9 @@ _INTENT_OFFSETS_S = (0.5, 1.0, 1.5)
 # normalisation of observation features
 _SPEED_NORM = 30.0  # m/s
 _OBS_CLIP = 5.0
+_LATERAL_ACTIONS = tuple(MetaAction)
+_LONGITUDINAL_ACTIONS = (MetaAction.IDLE, MetaAction.FASTER, MetaAction.SLOWER)
+_CONFLICT_LOOKAHEAD_M = 50.0  # how far ahead of the agent's front path conflicts are looked for
 
 
 @dataclass(frozen=True)
@@ -181,6 +196,15 @@ class RewardConfig:
     """per second at the end of an acceleration lane (MAPPO-PIS merge cost)"""
     red_light: float = -1.0
     """per red light run"""
+    conflict: float = 0.0
+    """per second on a collision course with a 1 s deficit, falling linearly to 0 at no deficit:
+    a moving vehicle crosses the agent's path ahead and neither going first nor going after it at
+    full speed keeps clear (the better of the two predicted post-encroachment margins of
+    sim.env_conflict, from ground truth, is below -conflict_tolerance_s; the deficit is by how
+    much, up to 1 s); charged for the state each decision leads to"""
+    conflict_tolerance_s: float = 0.25
+    """margin below zero that is not charged (the margins' full-speed model is cautious: an ego
+    that goes first at full speed clears a crossing car with margins of about -0.1 s)"""
 
 
 @dataclass(frozen=True)
@@ -191,9 +215,15 @@ class EnvConfig:
     """one of sim.scenarios.SCENARIOS"""
     obs: Literal["oracle", "ego_only", "visible", "perception"] = "visible"
     action: Literal["discrete", "continuous"] = "discrete"
+    lateral_actions: bool = True
+    """discrete actions include LANE_LEFT / LANE_RIGHT; off: Discrete(3) = IDLE, FASTER, SLOWER
+    (highway-env's DiscreteMetaAction(lateral=False)), for tasks that need no lane change"""
     controlled: Literal["ego", "all"] | None = None
     """which connected vehicles are agents; None: the scenario's default (SCENARIO_TASKS)"""
     k_nearest: int = 8
+    conflict_features: bool = False
+    """append the first path conflict with a known vehicle to the ego features
+    (sim.env_conflict.CONFLICT_FEATURES); off by default, on in the occlusion scenarios' configs"""
     obs_range_m: float = 80.0
     """vehicles further than this are left out of observations"""
     decision_ticks: int = 2
@@ -244,6 +274,8 @@ class EnvConfig:
             problems.append(f"channel must be one of ideal, dsrc, lte_v2x, got {self.channel!r}")
         if self.safety and self.action != "discrete":
             problems.append("safety needs discrete actions (it chooses among the meta-actions)")
+        if self.safety and not self.lateral_actions:
+            problems.append("safety needs lateral_actions (it may replace an action by a lane change)")
         if problems:
             raise ValueError("invalid EnvConfig: " + "; ".join(problems))
         self.visibility.validate()
@@ -359,6 +391,7 @@ class CoopDrivingEnv(ParallelEnv):
         self.config = config or EnvConfig()
         self.config.validate()
         self.task = self.config.task()
+        self._next_episode_s: float | None = None
         self.world: EmbeddedWorld = make_world(
             self.config.scenario,
             lidar=self.config.visibility.lidar_config(),
@@ -382,11 +415,14 @@ class CoopDrivingEnv(ParallelEnv):
         self.agents: list[str] = []
         k = self.config.k_nearest
         self.object_dim = len(OBJECT_FEATURES) + (len(INTENT_FEATURES) if self.config.intent else 0)
-        self.obs_dim = len(EGO_FEATURES) + k * self.object_dim
+        self.ego_dim = len(EGO_FEATURES) + (len(CONFLICT_FEATURES) if self.config.conflict_features else 0)
+        self.obs_dim = self.ego_dim + k * self.object_dim
         self.state_dim = n * (self.obs_dim + 1) + 1
         obs_space = spaces.Box(-_OBS_CLIP, _OBS_CLIP, (self.obs_dim,), np.float32)
+        # the meta-action of each discrete action index
+        self.meta_actions = _LATERAL_ACTIONS if self.config.lateral_actions else _LONGITUDINAL_ACTIONS
         if self.config.action == "discrete":
-            act_space: spaces.Space = spaces.Discrete(len(MetaAction))
+            act_space: spaces.Space = spaces.Discrete(len(self.meta_actions))
         else:
             act_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.observation_spaces = {a: obs_space for a in self.possible_agents}
@@ -424,6 +460,9 @@ class CoopDrivingEnv(ParallelEnv):
             self.episode_seed = int(seed)
         else:
             self.episode_seed = int(self._rng.integers(EVAL_SEED_OFFSET))
+        if self._next_episode_s is not None:
+            self.task = replace(self.task, episode_s=self._next_episode_s)
+            self._next_episode_s = None
         frame = self.world.reset(self.episode_seed)
         self.frame = frame
         self._lanes = LaneMap(self.world.layout, self._allow_oncoming())
@@ -562,6 +601,12 @@ class CoopDrivingEnv(ParallelEnv):
                 break
         self.frame = frame
         self._decision += 1
+        if r.conflict != 0.0:
+            for a in acting:
+                tr = self._tracks[a]
+                if tr.live:
+                    deficit = self._conflict_deficit(tr, frame)
+                    rewards[a] += r.conflict * deficit * self.dt * self.config.decision_ticks
 
         # 3. communicate and observe
         self._communicate(frame, intents)
@@ -597,6 +642,13 @@ class CoopDrivingEnv(ParallelEnv):
     # ------------------------------------------------------------------------------------------
     # queries for tools
     # ------------------------------------------------------------------------------------------
+
+    def set_time_limit(self, episode_s: float) -> None:
+        """Play the episodes from the next ``reset()`` on with this time limit (a training
+        curriculum; the observation's time left is a fraction of the limit in force)."""
+        if episode_s <= 0:
+            raise ValueError(f"episode_s must be > 0, got {episode_s}")
+        self._next_episode_s = float(episode_s)
 
     def vehicle_id(self, agent: str) -> int:
         """World id of ``agent``'s vehicle in the current episode."""
@@ -718,11 +770,14 @@ class CoopDrivingEnv(ParallelEnv):
     def _decide_discrete(
         self, proposed: dict[str, int], frame: SceneFrame
     ) -> tuple[dict[str, int], dict[str, bool], dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Safety-checked actions, whether each was overridden, and each agent's plan
-        ((T,) offsets, (T, 3) x, y, speed at the intent times) for intent messages."""
+        """Safety-checked meta-actions for the proposed action indices, whether each was
+        overridden, and each agent's plan ((T,) offsets, (T, 3) x, y, speed at the intent times)
+        for intent messages."""
+        n = len(self.meta_actions)
         for a, act in proposed.items():
-            if not 0 <= act < len(MetaAction):
-                raise ValueError(f"agent {a}: action {act} outside Discrete({len(MetaAction)})")
+            if not 0 <= act < n:
+                raise ValueError(f"agent {a}: action {act} outside Discrete({n})")
+        proposed = {a: int(self.meta_actions[act]) for a, act in proposed.items()}
         need_rollouts = self.config.safety or self.config.intent
         if not need_rollouts:
             return dict(proposed), dict.fromkeys(proposed, False), {}
@@ -889,7 +944,7 @@ class CoopDrivingEnv(ParallelEnv):
         cfg = self.config
         ids = frame.agent_ids
         present = np.flatnonzero(ids == tr.vid)
-        ego_feat = np.zeros(len(EGO_FEATURES))
+        ego_feat = np.zeros(self.ego_dim)
         objects = np.zeros((cfg.k_nearest, self.object_dim))
         if len(present) == 0:  # cannot happen for live agents; a crashed one may still be observed
             return np.concatenate([ego_feat, objects.reshape(-1)]).astype(np.float32)
@@ -899,6 +954,8 @@ class CoopDrivingEnv(ParallelEnv):
             known = np.zeros(len(ids), dtype=bool)
         known = known & (ids != tr.vid)
         idx = np.flatnonzero(known)
+        if cfg.conflict_features:
+            ego_feat = np.concatenate([ego_feat, self._conflict_features(tr, me, frame, idx)])
         if len(idx):
             boxes = self._boxes(frame)[idx]
             yaw = me.yaw
@@ -943,6 +1000,37 @@ class CoopDrivingEnv(ParallelEnv):
                     objects[row, len(OBJECT_FEATURES) :] = [1.0, *np.stack([fx, fy], 1).reshape(-1) / rng]
         out = np.concatenate([ego_feat, objects.reshape(-1)])
         return np.clip(out, -_OBS_CLIP, _OBS_CLIP).astype(np.float32)
+
+    def _conflict_deficit(self, tr: _Track, frame: SceneFrame) -> float:
+        """Seconds (0 to 1) by which the better way through the first conflict on the agent's path
+        (ground truth; going first or after at full speed) falls short of
+        ``-reward.conflict_tolerance_s``; 0 without a conflict."""
+        ids = frame.agent_ids
+        me = frame.agent(tr.vid)
+        features = self._conflict_features(tr, me, frame, np.flatnonzero(ids != tr.vid))
+        if features[0] == 0:
+            return 0.0
+        best_margin_s = MARGIN_NORM_S * max(features[-2:])
+        return float(np.clip(-(best_margin_s + self.config.reward.conflict_tolerance_s), 0.0, 1.0))
+
+    def _conflict_features(self, tr: _Track, me, frame: SceneFrame, idx: np.ndarray) -> np.ndarray:
+        """(len(CONFLICT_FEATURES),) the first crossing of the agent's path (its route at its
+        target offset, from its rear to 50 m ahead of its front) by the known vehicles ``idx``
+        within the observation range."""
+        boxes = self._boxes(frame)[idx]
+        near = np.hypot(*(boxes[:, :2] - me.T_world_from_agent[:2, 3]).T) <= self.config.obs_range_m
+        idx, boxes = idx[near], boxes[near]
+        length = float(tr.extent[0])
+        if len(idx) == 0:
+            return conflict_features(None, me.speed, tr.meta.max_speed, length)
+        path_s = np.arange(-length, _CONFLICT_LOOKAHEAD_M + 1e-9, 1.0)  # from the agent's front
+        s = tr.s + 0.5 * length + path_s
+        heading = tr.route.heading(s)
+        normal = np.stack([-np.sin(heading), np.cos(heading)], axis=1)  # (P, 2) to the left
+        path_xy = tr.route.point(s) + tr.meta.target_offset * normal
+        velocities = np.stack([frame.agents[i].velocity[:2] for i in idx])
+        conflict = first_conflict(path_xy, path_s, float(tr.extent[1]), boxes, velocities)
+        return conflict_features(conflict, me.speed, tr.meta.max_speed, length)
 
     def _ego_features(self, tr: _Track, me, frame: SceneFrame) -> np.ndarray:
         cfg = self.config

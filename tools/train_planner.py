@@ -6,6 +6,9 @@ as ``OUT/config.yaml``, and writes ``OUT/checkpoint.pt`` (atomically) every
 ``run.checkpoint_every`` iterations and at the end, tensorboard logs under ``OUT/tb`` and one
 JSON line per iteration in ``OUT/progress.jsonl``.
 
+A time-limit curriculum (``curriculum.*``, :class:`models.planning.experiment.CurriculumConfig`)
+sets the training envs' time limit before each iteration, from the env steps done so far.
+
 ``--resume`` continues from ``OUT/checkpoint.pt``: networks, optimisers, value normaliser,
 counters and random generators are restored; the envs start fresh episodes. The config must be the
 one the run started with, except ``run.*`` and ``learner.total_steps`` (to train longer).
@@ -29,7 +32,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from models.config import ConfigError, load_config, save_resolved, to_dict
-from models.planning.experiment import PlannerConfig, load_checkpoint, make_env_fns, save_checkpoint
+from models.planning.experiment import (
+    PlannerConfig,
+    apply_curriculum,
+    load_checkpoint,
+    make_env_fns,
+    save_checkpoint,
+)
 from models.planning.mappo import MAPPOTrainer
 
 
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(out / "progress.jsonl", "a", encoding="utf-8") as progress:
             while not trainer.done:
+                time_limit_scale = apply_curriculum(trainer, config)
                 stats = trainer.train_iteration()
                 metrics = _episode_metrics(stats.episodes)
                 bar.update(min(stats.env_steps, learner.total_steps) - bar.n)
@@ -129,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     **metrics,
                     **{f"ppo_{k}": v for k, v in vars(stats.ppo).items()},
                     "steps_per_second": stats.steps_per_second,
+                    "time_limit_scale": time_limit_scale,
                 }
                 progress.write(json.dumps(record) + "\n")
                 progress.flush()

@@ -3,8 +3,8 @@
 ``tools/train_planner.py`` and ``tools/eval_closed_loop.py`` stay thin on top of this:
 
 - :class:`PlannerConfig` = ``env`` (:class:`sim.env.EnvConfig`) + ``learner``
-  (:class:`models.planning.mappo.MAPPOConfig`) + ``run`` (:class:`RunConfig`), read from YAML
-  with :func:`models.config.load_config`;
+  (:class:`models.planning.mappo.MAPPOConfig`) + ``curriculum`` (:class:`CurriculumConfig`) +
+  ``run`` (:class:`RunConfig`), read from YAML with :func:`models.config.load_config`;
 - :func:`save_checkpoint` / :func:`load_checkpoint`: one ``torch.save`` file written atomically
   (temporary file + ``os.replace``) holding the trainer state and the resolved config;
 - :class:`Policy`: the trained actor acting on env observation dicts (deterministic or sampled,
@@ -34,12 +34,14 @@ from sim.env import EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig
 
 __all__ = [
     "CHECKPOINT_VERSION",
+    "CurriculumConfig",
     "EpisodeResult",
     "EvalChunk",
     "PlannerConfig",
     "Policy",
     "RunConfig",
     "aggregate_over_seeds",
+    "apply_curriculum",
     "bev_snapshot",
     "env_config_for_eval",
     "eval_seeds",
@@ -67,16 +69,62 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class CurriculumConfig:
+    """A training curriculum on the time limit: episodes start with a looser limit, which shrinks
+    linearly to the task's own over the first ``anneal_steps`` env steps.
+
+    With the occlusion scenarios' tight limits a policy that does not yet drive near full speed
+    almost never reaches the goal in time, so it learns little about reaching it; a looser limit
+    first lets it learn to reach the goal without colliding, the annealing then teaches it to do so
+    in time. Evaluation always uses the task's limit.
+    """
+
+    time_limit_scale: float = 1.0
+    """time limit at the start of training, as a multiple of the task's (>= 1; 1: no curriculum)"""
+    anneal_steps: int = 0
+    """env steps over which the scale falls linearly to 1"""
+
+    def validate(self) -> None:
+        if self.time_limit_scale < 1.0:
+            raise ValueError(f"curriculum.time_limit_scale must be >= 1, got {self.time_limit_scale}")
+        if self.anneal_steps < 0:
+            raise ValueError(f"curriculum.anneal_steps must be >= 0, got {self.anneal_steps}")
+
+    def time_limit_scale_at(self, env_steps: int) -> float:
+        """The time limit's multiple after ``env_steps`` env steps of training."""
+        if self.anneal_steps == 0 or env_steps >= self.anneal_steps:
+            return 1.0
+        return self.time_limit_scale + (1.0 - self.time_limit_scale) * env_steps / self.anneal_steps
+
+
+@dataclass(frozen=True)
 class PlannerConfig:
     """A whole planner experiment."""
 
     env: EnvConfig = field(default_factory=EnvConfig)
     learner: MAPPOConfig = field(default_factory=MAPPOConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
         self.env.validate()
         self.learner.validate()
+        self.curriculum.validate()
+        if self.curriculum.anneal_steps > self.learner.total_steps:
+            raise ValueError(
+                f"curriculum.anneal_steps ({self.curriculum.anneal_steps}) > learner.total_steps "
+                f"({self.learner.total_steps}): training would end before the time limit is the task's"
+            )
+
+
+def apply_curriculum(trainer: MAPPOTrainer, config: PlannerConfig) -> float:
+    """Set the time limit of every training env for the next episodes from the curriculum at
+    ``trainer.env_steps``; returns the scale applied."""
+    scale = config.curriculum.time_limit_scale_at(trainer.env_steps)
+    episode_s = config.env.task().episode_s * scale
+    for env in trainer.envs.envs:
+        env.set_time_limit(episode_s)
+    return scale
 
 
 def make_env_fns(env_config: EnvConfig, num_envs: int, seed: int) -> list[Callable[[], CoopDrivingEnv]]:

@@ -10,8 +10,16 @@ observation) and one critic:
 
 A training iteration collects ``rollout_steps`` steps of every env of a
 :class:`models.planning.vec_env.ParallelVecEnv`, computes GAE (bootstrapping truncated episodes
-with the value of their last state: ``r += gamma * V(s_final)``), and runs
-:func:`models.planning.ppo.ppo_update`. Agents that are done are masked out of everything.
+with the value of their last state: ``r += gamma * V(s_final)``, unless ``bootstrap_truncated``
+is off), and runs :func:`models.planning.ppo.ppo_update`. Agents that are done are masked out of
+everything.
+
+Whether to bootstrap at a time limit depends on the task (Pardo et al. 2018, "Time Limits in
+Reinforcement Learning"): when the limit only cuts an ongoing task short, the episode would have
+gone on and the value of the last state is the right estimate of what follows; when the limit is
+part of the task (running out of time is a failure, and the observation carries the time left),
+nothing follows it, and bootstrapping credits an agent that dawdles until the clock runs out with
+the value of a future it never has.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class MAPPOConfig:
     """env steps (summed over envs) to train for"""
     agent_id_in_obs: bool = True
     """append the agent's one-hot id to actor and critic inputs"""
+    bootstrap_truncated: bool = True
+    """add gamma x V(last state) to the reward of a truncated episode's last step; turn off when
+    the time limit is part of the task (see the module docstring)"""
     seed: int = 0
     network: NetworkConfig = field(default_factory=NetworkConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -191,7 +202,7 @@ class MAPPOTrainer:
             values, c_next = self._values(critic_in, self._critic_h, self._starts)
             step = envs.step(actions.numpy())
             rewards = torch.as_tensor(step.rewards)
-            if step.truncated.any():  # bootstrap: r += gamma * V(final state)
+            if cfg.bootstrap_truncated and step.truncated.any():  # bootstrap: r += gamma * V(final state)
                 final_in = self.critic_input(step.final_obs, step.final_state)
                 final_v, _ = self._values(final_in, c_next, np.zeros((e, n), dtype=np.float32))
                 rewards = rewards + cfg.ppo.gamma * final_v * torch.as_tensor(

@@ -302,7 +302,45 @@ def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| red_light | informed visible | 2 |" in result.stdout
     rows = {r["policy"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"blind d=0s", "informed ego_only", "informed visible", "informed oracle"}
+    assert set(rows) == {"stop", "blind d=0s", "informed ego_only", "informed visible", "informed oracle"}
     assert rows["informed visible"]["success"] == 1.0
+    assert rows["stop"]["timeout"] == 1.0
+    # under the default reward succeeding out-earns waiting out the clock
+    assert rows["informed visible"]["mean_return"] > rows["stop"]["mean_return"] + 1.0
     for r in rows.values():
         assert r["success"] + r["collision"] + r["timeout"] == pytest.approx(1.0)
+
+
+def test_longitudinal_action_set_maps_to_idle_faster_slower():
+    env = _env(scenario="red_light", obs="oracle", lateral_actions=False)
+    assert env.action_space("cav_0").n == 3
+    assert env.meta_actions == (A.IDLE, A.FASTER, A.SLOWER)
+    obs, _ = env.reset(seed=1)
+    target = _feature(obs["cav_0"], "target_speed")
+    obs, *_ = env.step({"cav_0": 1})  # FASTER
+    assert _feature(obs["cav_0"], "target_speed") > target
+    obs, *_ = env.step({"cav_0": 2})  # SLOWER
+    obs, *_ = env.step({"cav_0": 2})
+    assert _feature(obs["cav_0"], "target_speed") < target
+    assert _feature(obs["cav_0"], "target_offset") == 0.0  # no index changes lanes
+    with pytest.raises(ValueError, match=r"outside Discrete\(3\)"):
+        env.step({"cav_0": 3})
+    with pytest.raises(ValueError, match="safety needs lateral_actions"):
+        EnvConfig(scenario="merge", safety=True, lateral_actions=False).validate()
+
+
+def test_a_new_time_limit_applies_from_the_next_episode():
+    env = _env(scenario="red_light", obs="oracle", episode_s=1.0)
+    env.reset(seed=0)
+    env.set_time_limit(2.0)
+    steps = 0
+    while env.agents:  # this episode keeps its 1 s
+        env.step({"cav_0": int(A.SLOWER)})
+        steps += 1
+    assert steps == 5
+    obs, _ = env.reset(seed=0)
+    assert _feature(obs["cav_0"], "time_left") == 1.0
+    obs, *_ = env.step({"cav_0": int(A.SLOWER)})
+    assert _feature(obs["cav_0"], "time_left") == pytest.approx(0.9)  # 0.2 s of 2 s
+    with pytest.raises(ValueError, match="episode_s must be > 0"):
+        env.set_time_limit(0.0)

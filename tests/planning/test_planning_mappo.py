@@ -118,3 +118,24 @@ def test_agents_must_share_spaces():
 
     with pytest.raises(ValueError, match="same observation and action spaces"):
         ParallelVecEnv([Mixed])
+
+
+def test_truncated_episodes_are_bootstrapped_only_when_asked():
+    """ReachEnv truncates at max_steps: with bootstrapping the last step's reward gains
+    gamma x V(final state); without it, the reward stays what the env paid."""
+    torch.set_num_threads(1)
+    rewards = {}
+    for bootstrap in (True, False):
+        config = _config(num_envs=1, rollout_steps=3, bootstrap_truncated=bootstrap)
+        trainer = MAPPOTrainer([lambda: ReachEnv(max_steps=3, half_width=40)], config)
+        with torch.no_grad():  # a critic that says 5 everywhere
+            trainer.critic.head.weight.zero_()
+            trainer.critic.head.bias.fill_(5.0)
+        trainer.value_norm = None
+        trainer.envs.envs[0].target[:] = trainer.envs.envs[0].pos + 30.0  # out of reach
+        buffer, _ = trainer.collect()
+        rewards[bootstrap] = buffer.rewards[:, 0].clone()  # (T, N)
+        trainer.close()
+    assert torch.allclose(rewards[False], torch.full((3, 2), -0.1))
+    assert torch.allclose(rewards[True][:2], rewards[False][:2])
+    assert torch.allclose(rewards[True][2], torch.full((2,), -0.1 + 0.99 * 5.0))

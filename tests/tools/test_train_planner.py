@@ -76,3 +76,27 @@ def test_errors_are_clear(tmp_path, capsys):
     (out / "checkpoint.pt").write_bytes(b"")
     assert train_planner.main(["--out", str(out)]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_time_limit_curriculum_anneals_to_the_tasks_limit(tmp_path):
+    out = tmp_path / "curriculum"
+    config = ROOT / "configs" / "planner" / "red_light.yaml"
+    done = run_train(
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *TINY[1:],  # the scenario's own time limit
+        "learner.total_steps=60",
+        "curriculum.time_limit_scale=1.5",
+        "curriculum.anneal_steps=40",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    assert [x["time_limit_scale"] for x in lines] == [1.5, 1.25, 1.0]
+    bad = run_train("--out", str(tmp_path / "bad"), "curriculum.time_limit_scale=0.5")
+    assert bad.returncode == 2 and "time_limit_scale must be >= 1" in bad.stderr
+    short = run_train(
+        "--out", str(tmp_path / "short"), "learner.total_steps=100", "curriculum.anneal_steps=200"
+    )
+    assert short.returncode == 2 and "training would end before" in short.stderr

@@ -1,0 +1,170 @@
+"""Path conflicts: where and when a known vehicle crosses the ego's path ahead.
+
+Deciding whether to go through an intersection before a crossing vehicle or to let it pass is a
+comparison of two timings: how far the ego has to drive to the point where the paths cross, and
+when the other vehicle occupies that point. Both follow from the positions and velocities an
+observation already holds, but only through divisions and line intersections that a small MLP has
+to learn from scratch, for a vehicle that can sit in any of the K object slots (they are sorted by
+distance). :func:`first_conflict` computes them once, as highway-env's time-to-collision
+observation does for lanes, so that the env can hand them to the policy as a few ego features
+(``EnvConfig.conflict_features``), together with the comparison itself, as two predicted
+post-encroachment times (PET, the surrogate safety measure of traffic engineering) for an ego
+that drives at full speed from now (:func:`sim.scenarios.fastest_arrival_s`, the model the
+scenarios time their hidden vehicles with):
+
+- *go first*: the other vehicle's arrival minus the moment the ego's rear leaves the crossing;
+  positive when going now clears it before the other vehicle comes;
+- *go after*: the ego's arrival minus the moment the other vehicle's rear leaves; positive when
+  the other vehicle is gone before the ego comes, even at full speed.
+
+When both are negative, going at full speed now meets the other vehicle: the ego has to slow down
+until *go after* turns positive.
+
+The other vehicle is predicted to drive straight on at its current speed (the ego's view of a car
+running a red light or going straight through an intersection); the ego's path is its route at
+its target lateral offset. Only vehicles that move and cross the path at an angle count: a vehicle
+ahead in the ego's lane, or one coming the other way in the next lane, is a following or passing
+problem, described by the object features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.scenarios import fastest_arrival_s
+
+__all__ = ["CONFLICT_FEATURES", "MARGIN_NORM_S", "Conflict", "conflict_features", "first_conflict"]
+
+CONFLICT_FEATURES = (
+    "conflict",
+    "conflict_distance",
+    "conflict_arrival",
+    "conflict_clear",
+    "conflict_go_first_margin",
+    "conflict_go_after_margin",
+)
+"""ego features describing :func:`first_conflict` (see :func:`conflict_features`)"""
+
+_DISTANCE_NORM_M = 50.0
+_TIME_NORM_S = 5.0
+_TIME_CLIP = 2.0  # times beyond 10 s read as "no conflict"
+MARGIN_NORM_S = 2.0
+"""seconds per unit of the margin features"""
+_MARGIN_CLIP = 2.0  # margins beyond 4 s are as good as any larger one
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """The earliest crossing of the ego's path by a known vehicle.
+
+    Attributes:
+        index: row of the vehicle in the ``boxes`` passed to :func:`first_conflict`.
+        distance_m: arc length from the ego's front to where the ego's path enters the other
+            vehicle's swept band (negative: the ego's body is already in it).
+        exit_m: arc length from the ego's front to where the path leaves the band.
+        arrival_s: seconds until the other vehicle's front reaches the ego's path (negative: it
+            is on it now).
+        clear_s: seconds until its rear has left the ego's path (> 0).
+    """
+
+    index: int
+    distance_m: float
+    exit_m: float
+    arrival_s: float
+    clear_s: float
+
+
+def first_conflict(
+    path_xy: np.ndarray,
+    path_s: np.ndarray,
+    ego_width: float,
+    boxes: np.ndarray,
+    velocities: np.ndarray,
+    min_speed: float = 0.5,
+    margin_m: float = 0.5,
+    max_parallel_cos: float = 0.9,
+) -> Conflict | None:
+    """The known vehicle that reaches the ego's path first, among those crossing it.
+
+    Args:
+        path_xy: (P, 2) world points along the ego's path, in driving order.
+        path_s: (P,) their arc length from the ego's front (increasing; may start negative to
+            cover the ego's own body).
+        ego_width: metres.
+        boxes: (M, 7) known vehicles (x, y, z, length, width, height, yaw), world frame.
+        velocities: (M, 2) their world-frame velocities.
+        min_speed: vehicles slower than this (m/s) are treated as not crossing.
+        margin_m: added to the half-widths when deciding whether a path point is on the other
+            vehicle's course and to the time it needs to clear it.
+        max_parallel_cos: vehicles whose course makes an angle with the path of less than
+            ``arccos(max_parallel_cos)`` where they cross are left out (same or opposite lane).
+
+    Returns:
+        The conflict with the smallest ``arrival_s`` among vehicles not yet past the path, or None.
+    """
+    path_xy = np.asarray(path_xy, dtype=np.float64).reshape(-1, 2)
+    path_s = np.asarray(path_s, dtype=np.float64).reshape(-1)
+    if len(path_xy) < 2 or len(boxes) == 0:
+        return None
+    path_dir = np.gradient(path_xy, axis=0)  # (P, 2)
+    path_dir /= np.maximum(np.linalg.norm(path_dir, axis=1, keepdims=True), 1e-9)
+    best: Conflict | None = None
+    for i in range(len(boxes)):
+        speed = float(np.hypot(*velocities[i]))
+        if speed < min_speed:
+            continue
+        course = velocities[i] / speed  # (2,) driving direction
+        rel = path_xy - boxes[i, :2]  # (P, 2)
+        along = rel @ course  # (P,) ahead of the vehicle's centre along its course
+        lateral = np.abs(course[0] * rel[:, 1] - course[1] * rel[:, 0])  # (P,)
+        half_band = 0.5 * (ego_width + boxes[i, 4]) + margin_m
+        inside = np.flatnonzero(lateral <= half_band)
+        if len(inside) == 0:
+            continue
+        # the first contiguous run of path points inside the band: the first crossing
+        breaks = np.flatnonzero(np.diff(inside) > 1)
+        run = inside[: breaks[0] + 1] if len(breaks) else inside
+        centre = int(run[np.argmin(lateral[run])])
+        if abs(float(path_dir[centre] @ course)) > max_parallel_cos:
+            continue
+        reach = 0.5 * boxes[i, 3] + 0.5 * ego_width + margin_m  # centre-to-path distance that counts
+        arrival = (float(along[centre]) - reach) / speed
+        clear = (float(along[centre]) + reach) / speed
+        if clear <= 0.0:
+            continue  # already past
+        if best is None or arrival < best.arrival_s:
+            best = Conflict(
+                index=i,
+                distance_m=float(path_s[run[0]]),
+                exit_m=float(path_s[run[-1]]),
+                arrival_s=arrival,
+                clear_s=clear,
+            )
+    return best
+
+
+def conflict_features(
+    conflict: Conflict | None, ego_speed: float, max_speed: float, ego_length: float
+) -> np.ndarray:
+    """(6,) ``CONFLICT_FEATURES``: a presence flag, the ego's distance to the conflict / 50 m
+    (clipped to [-1, 1]), the other vehicle's arrival and clearing times / 5 s (clipped to
+    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring) / 2 s, clipped
+    to [-2, 2], for an ego at ``ego_speed`` now pressing on up to ``max_speed`` whose rear is
+    ``ego_length`` behind its front; without a conflict ``[0, 1, 2, 2, 2, 2]`` (far away, late,
+    nothing in the way)."""
+    if conflict is None:
+        return np.array([0.0, 1.0, _TIME_CLIP, _TIME_CLIP, _MARGIN_CLIP, _MARGIN_CLIP])
+    ego_arrival = fastest_arrival_s(max(conflict.distance_m, 0.0), ego_speed, max_speed)
+    ego_clear = fastest_arrival_s(max(conflict.exit_m + ego_length, 0.0), ego_speed, max_speed)
+    return np.array(
+        [
+            1.0,
+            np.clip(conflict.distance_m / _DISTANCE_NORM_M, -1.0, 1.0),
+            np.clip(conflict.arrival_s / _TIME_NORM_S, -_TIME_CLIP, _TIME_CLIP),
+            np.clip(conflict.clear_s / _TIME_NORM_S, 0.0, _TIME_CLIP),
+            np.clip((conflict.arrival_s - ego_clear) / MARGIN_NORM_S, -_MARGIN_CLIP, _MARGIN_CLIP),
+            np.clip((ego_arrival - conflict.clear_s) / MARGIN_NORM_S, -_MARGIN_CLIP, _MARGIN_CLIP),
+        ]
+    )
