@@ -41,6 +41,7 @@ from models.comm import LinkConfig, V2XLink
 from models.experiment import load_experiment, resolve_device
 from models.heads.detection import DetectionHeadConfig
 from models.perception import CooperativePerception
+from models.threads import set_cpu_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data
     if data is None:

@@ -42,6 +42,7 @@ from models.config import ConfigError, save_resolved
 from models.experiment import load_experiment, resolve_device
 from models.heads.segmentation import SEGMENTATION_CLASSES
 from models.perception import CooperativePerception
+from models.threads import set_cpu_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.data / split).is_dir():
         split = ""  # --data is already a split or run folder
     if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+        set_cpu_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     try:
         dataset = cfg.dataset(root=str(args.data), split=split, training=False)

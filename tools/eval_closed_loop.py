@@ -36,7 +36,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasets.io import atomic_path, atomic_write_text
@@ -51,6 +50,7 @@ from models.planning.experiment import (
     load_checkpoint,
     summarize,
 )
+from models.threads import set_cpu_threads
 from sim.env import EnvConfig
 from sim.env_obs import ObsMode
 from sim.scenarios import SCENARIOS
@@ -189,7 +189,7 @@ def aggregate(root: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    set_cpu_threads(1)
     if args.aggregate is not None:
         table = aggregate(args.aggregate)
         atomic_write_text(args.aggregate / "summary.md", table)

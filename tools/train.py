@@ -51,6 +51,7 @@ from models.distributed import (
 )
 from models.experiment import ExperimentConfig, load_experiment, resolve_device
 from models.perception import CooperativePerception, count_parameters
+from models.threads import set_cpu_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,7 +128,7 @@ def train(args: argparse.Namespace, cfg: ExperimentConfig, context: DistributedC
         save_resolved(cfg, run / "config.yaml")
 
     if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
+        set_cpu_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
     collate = CoopCollate(cfg.model.grid)
     # batch norm over the whole batch under DDP (plain batch norm in one process)

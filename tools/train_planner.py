@@ -27,7 +27,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -40,6 +39,7 @@ from models.planning.experiment import (
     save_checkpoint,
 )
 from models.planning.mappo import MAPPOTrainer
+from models.threads import set_cpu_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +78,7 @@ def _episode_metrics(episodes: list[dict]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(args.threads, 1))
+    set_cpu_threads(max(args.threads, 1))
     try:
         config = load_config(PlannerConfig, args.config, args.overrides)
         if args.out is not None:
