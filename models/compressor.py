@@ -8,11 +8,15 @@ the codec unchanged (straight-through), so the compressor trains end to end.
 
 Selection (``selection``):
 
+- ``"confidence"`` (default): every cell by the sender's own detection confidence (Where2comm's
+  spatial confidence map);
+- ``"request"``: every cell by the sender's confidence times the receiver's request (CORE: the
+  request is ``1 - ego confidence``, sent as a request map);
 - ``"nonempty"``: cells where the sender has at least one voxel (its LiDAR saw something there),
-  the ones with the strongest compressed features first when capped;
-- ``"confidence"``: cells by the sender's own detection confidence (Where2comm);
-- ``"request"``: cells by the sender's confidence times the receiver's request (CORE: the request is
-  ``1 - ego confidence``, sent as a request map), among the non-empty cells.
+  the ones with the strongest compressed features first when capped. Kept as a baseline: the
+  detection head reads one cell per anchor, and the cell of a vehicle's box centre usually holds
+  no voxel (the LiDAR hits the vehicle's near side), so this rule rarely sends the cells that carry
+  a detection (see docs/perception.md, "Which cells a sender sends").
 
 In each case at most ``max_cells`` cells are sent (0: no limit), best scores first, and a cell
 with a zero score is never sent.
@@ -41,13 +45,13 @@ class CompressorConfig:
     """Attributes:
     channels: channels per cell on the air (1x1 convolution from the feature width).
     max_cells: cells per message at most (0: no limit).
-    selection: ``"nonempty"``, ``"confidence"`` or ``"request"`` (see the module docstring).
+    selection: ``"confidence"``, ``"request"`` or ``"nonempty"`` (see the module docstring).
     value_format: feature values on the wire: float32, float16, int16 or int8.
     """
 
     channels: int = 16
     max_cells: int = 0
-    selection: Literal["nonempty", "confidence", "request"] = "nonempty"
+    selection: Literal["nonempty", "confidence", "request"] = "confidence"
     value_format: Literal["float32", "float16", "int16", "int8"] = "float16"
 
     def __post_init__(self) -> None:

@@ -283,8 +283,8 @@ class CooperativePerception(nn.Module):
         positions = batch.agent_position_m.cpu().numpy()
         occupied = self.occupied_cells(batch)
         confidence = None
-        if fusion.method == "core":
-            confidence = self.detection.confidence(features)  # (A, H, W)
+        if fusion.method == "core" or fusion.compressor.selection == "confidence":
+            confidence = self.detection.confidence(features)  # (A, H, W), each agent's own frame
         compressed = self.compressor.compress(features) if self.compressor is not None else None  # (A, c, H, W)
         fused = []
         for s, (first, n) in enumerate(zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True)):
@@ -318,26 +318,18 @@ class CooperativePerception(nn.Module):
                     outgoing.append(Outgoing(agent_id, T_measured[a], CodecId.KEYPOINT_FEATURES, payload))
                     sent[agent_id] = kp_features
                     continue
-                score = occupied[a].to(features.dtype)
-                if fusion.compressor.selection == "nonempty":
-                    # capped: the cells whose compressed features are strongest
-                    score = score * compressed[a].detach().norm(dim=0)
-                elif fusion.compressor.selection == "confidence":
-                    score = score * confidence[a]
-                elif fusion.compressor.selection == "request":
-                    if agent_id not in requests:
-                        score = torch.zeros_like(score)  # no request heard: nothing to answer
-                    else:
-                        request_map, T_ref_from_ego = requests[agent_id]
-                        T_agent_from_ego = invert_T(T_measured[a]) @ T_ref_from_ego
-                        request_t = torch.from_numpy(request_map.astype(np.float32)).to(features.device)
-                        in_agent, _ = warp_to_ego(
-                            request_t[None, None],
-                            torch.from_numpy(T_agent_from_ego)[None],
-                            grid,
-                            mode="nearest",
-                        )
-                        score = score * confidence[a] * in_agent[0, 0]
+                request_in_agent = None
+                if fusion.compressor.selection == "request" and agent_id in requests:
+                    request_map, T_ref_from_ego = requests[agent_id]
+                    T_agent_from_ego = invert_T(T_measured[a]) @ T_ref_from_ego
+                    request_t = torch.from_numpy(request_map.astype(np.float32)).to(features.device)
+                    warped_request, _ = warp_to_ego(
+                        request_t[None, None], torch.from_numpy(T_agent_from_ego)[None], grid, mode="nearest"
+                    )
+                    request_in_agent = warped_request[0, 0]
+                score = self.selection_score(
+                    occupied[a], compressed[a], confidence[a] if confidence is not None else None, request_in_agent
+                )
                 mask = self.compressor.select(score)  # (H, W)
                 outgoing.append(
                     Outgoing(agent_id, T_measured[a], CodecId.SPARSE_BEV, self.compressor.encode(compressed[a], mask))
@@ -369,6 +361,39 @@ class CooperativePerception(nn.Module):
                 conf = self.detection.confidence(stacked)[:, None]  # (n, 1, H, W)
                 fused.append(self.aggregation(stacked, conf, stacked_valid))
         return torch.stack(fused)
+
+    def selection_score(
+        self,
+        occupied: torch.Tensor,
+        compressed: torch.Tensor,
+        confidence: torch.Tensor | None,
+        request: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(H, W) score of a sender's cells for :meth:`BevCompressor.select` (own frame; 0: never sent).
+
+        Args:
+            occupied: (H, W) bool cells holding a voxel of the sender.
+            compressed: (c, H, W) its compressed features.
+            confidence: (H, W) its detection confidence (``confidence`` and ``request`` selection).
+            request: (H, W) the ego's request warped into its frame, or None when none was heard.
+
+        ``nonempty`` ranks the occupied cells by the norm of their compressed features.
+        ``confidence`` and ``request`` rank *every* cell by the sender's confidence (times the
+        request), as Where2comm and CORE do: the detection head reads one cell per anchor, and the
+        cell of a vehicle's box centre usually holds no voxel (the LiDAR hits the near side of the
+        vehicle), so gating them by occupancy would drop the very cells that carry the detection.
+        """
+        match self.config.fusion.compressor.selection:
+            case "nonempty":
+                return occupied.to(compressed.dtype) * compressed.detach().norm(dim=0)
+            case "confidence":
+                return confidence.to(compressed.dtype)
+            case "request":
+                if request is None:
+                    return torch.zeros_like(confidence)  # no request heard: nothing to answer
+                return confidence * request
+            case selection:
+                raise ValueError(f"unknown selection {selection!r}")
 
     # --------------------------------------------------------------------------------- forward
 

@@ -168,3 +168,51 @@ def test_inconsistent_fusion_settings_are_rejected():
         FusionConfig(method="core").validate()
     with pytest.raises(ValueError, match="core method"):
         CooperativePerception(small_model_config(fusion=FusionConfig(method="attfuse", compressor=CompressorConfig(selection="request"))))
+
+
+@pytest.mark.parametrize("method, selection", [("attfuse", "confidence"), ("core", "request")])
+def test_confident_cells_without_voxels_are_sent_and_fused(method, selection, monkeypatch):
+    """A sender's detection sits at a vehicle's box centre, whose BEV cell usually holds none of its
+    voxels (the LiDAR hits the near side of the vehicle). Confidence and request selection must send
+    such a cell, and the ego must fuse it: with a confidence map that is zero except a 2 x 2 block of
+    empty sender cells, that block is the whole message and changes the ego's fused map."""
+    torch.manual_seed(0)
+    compressor = CompressorConfig(channels=4, max_cells=64, selection=selection)
+    model = CooperativePerception(small_model_config(fusion=FusionConfig(method=method, compressor=compressor))).eval()
+    batch = CoopCollate(model.config.grid)([synthetic_sample(11, 2)])
+    grid = model.bev_grid
+    h, w = grid.shape
+    occupied = model.occupied_cells(batch)[1]  # (H, W) the sender's own frame
+    T_ego_from_sender = batch.T_ego_from_agent_measured[1].numpy()
+    centres = grid.cell_centres().numpy()  # (H, W, 2)
+    block = None
+    for r in range(4, h - 5):
+        for c in range(4, w - 5):
+            if occupied[r : r + 2, c : c + 2].any():
+                continue
+            xy_ego = T_ego_from_sender[:2, :2] @ centres[r, c] + T_ego_from_sender[:2, 3]
+            if np.all(np.abs(xy_ego) < 12.0) and np.linalg.norm(xy_ego - centres[r, c]) > 3.0:
+                block = (r, c)
+                break
+        if block is not None:
+            break
+    assert block is not None
+    r, c = block
+
+    def confidence(features: torch.Tensor) -> torch.Tensor:
+        out = features.new_zeros(features.shape[0], h, w)
+        out[:, r : r + 2, c : c + 2] = 0.9  # the same cells in every agent's own frame
+        return out
+
+    monkeypatch.setattr(model.detection, "confidence", confidence)
+    masks = []
+    select = model.compressor.select
+    monkeypatch.setattr(model.compressor, "select", lambda score: masks.append(select(score)) or masks[-1])
+    with torch.no_grad():
+        output, _ = model(batch, LINK, with_loss=False)
+        ego_only = model.encode_agents(batch, batch.ego_agent_index)
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    expected[r : r + 2, c : c + 2] = True
+    assert len(masks) == 1 and torch.equal(masks[0], expected)
+    changed = (output.fused_features[0] - ego_only[0]).abs().amax(dim=0) > 1e-6  # (H, W)
+    assert changed.any()
