@@ -41,6 +41,11 @@ REQUEST_MAP (request-driven sending), an H x W boolean mask of the cells a recei
 
     uint16 H | uint16 W | ceil(H * W / 8) bytes of numpy.packbits (big bit order), pad bits 0
 
+INTENT (MAPPO-PIS intent sharing), a planned trajectory of T >= 1 waypoints: the KEYPOINT_FEATURES
+body with the waypoints (sensor frame) as keypoints and C = 2 features, the time offset from the
+message timestamp (s, strictly increasing) and the planned speed (m/s). Its own id lets a receiver
+tell intents from perception keypoints by the header alone.
+
 Lossless settings (FLOAT32 values, any compression) round-trip float32 input exactly; lossy ones
 stay within :func:`v2x.quantize.max_abs_error`, which each codec exposes as ``max_abs_error``.
 """
@@ -399,6 +404,35 @@ class KeypointFeaturesCodec:
 
 
 @dataclass(frozen=True)
+class IntentCodec(KeypointFeaturesCodec):
+    """A planned trajectory: T waypoints (``xyz``, sensor frame) with features (time offset s,
+    speed m/s), strictly increasing offsets. Default: float16 values, no entropy coding (a dozen
+    numbers gain less from it than its frame costs)."""
+
+    xyz_fmt: ValueFormat = ValueFormat.FLOAT16
+    feature_fmt: ValueFormat = ValueFormat.FLOAT16
+    compression: Compression = Compression.NONE
+    codec_id: ClassVar[CodecId] = CodecId.INTENT
+
+    def _validate(self, data: KeypointFeatures) -> tuple[np.ndarray, np.ndarray]:
+        xyz, features = super()._validate(data)
+        if len(xyz) == 0 or features.shape[1] != 2:
+            raise ValueError(f"an intent has >= 1 waypoint with 2 features, got {features.shape}")
+        if np.any(np.diff(features[:, 0]) <= 0):
+            raise ValueError("intent waypoint time offsets must increase")
+        return xyz, features
+
+    @staticmethod
+    def decode(payload: bytes) -> KeypointFeatures:
+        body = KeypointFeaturesCodec.decode(payload)
+        if len(body.xyz) == 0 or body.features.shape[1] != 2:
+            raise DecodeError(f"an intent has >= 1 waypoint with 2 features, got {body.features.shape}")
+        if np.any(np.diff(body.features[:, 0].astype(np.float64)) <= 0):
+            raise DecodeError("intent waypoint times must increase")
+        return body
+
+
+@dataclass(frozen=True)
 class SparseBEVCodec:
     """Top-k cells of a BEV feature map with their indices. Default: float16 features, zstd."""
 
@@ -555,7 +589,7 @@ class RequestMapCodec:
         return bits[:n].astype(bool).reshape(height, width)
 
 
-Codec = RawPointsCodec | KeypointFeaturesCodec | SparseBEVCodec | DetectionsCodec | RequestMapCodec
+Codec = RawPointsCodec | KeypointFeaturesCodec | SparseBEVCodec | DetectionsCodec | RequestMapCodec | IntentCodec
 Decoded = np.ndarray | KeypointFeatures | SparseBEV | DetectionSet
 
 
@@ -576,5 +610,7 @@ def decode_payload(codec: CodecId | int, payload: bytes) -> Decoded:
             return DetectionsCodec.decode(payload)
         case CodecId.REQUEST_MAP:
             return RequestMapCodec.decode(payload)
+        case CodecId.INTENT:
+            return IntentCodec.decode(payload)
     raise DecodeError(f"unknown codec id {codec}")
 

@@ -98,6 +98,8 @@ class CodecId(enum.IntEnum):
     """late fusion: boxes, scores, labels"""
     REQUEST_MAP = 5
     """a receiver's request: the BEV cells it cannot see (request-driven sending)"""
+    INTENT = 6
+    """a planned trajectory: waypoints with time offsets and speeds (MAPPO-PIS intent sharing)"""
 
 
 _CODEC_IDS = frozenset(int(c) for c in CodecId)

@@ -2,16 +2,12 @@
 
 An intent is the sender's planned positions over the next 1-2 s (the low-level controller's
 rollout of the action it just chose), sampled at a few times. On the wire it is a
-:class:`v2x.message.Message` whose payload is a ``KEYPOINT_FEATURES`` body
-(:class:`v2x.codecs.KeypointFeaturesCodec`): the waypoints are the keypoints, in the sender's
-sensor frame (the header carries that pose, as for every message), and each keypoint has two
-features, its time offset from the message timestamp (seconds) and the planned speed (m/s). Values
-are float16 (:mod:`v2x.quantize`: 2.4 cm at 50 m, 1 ms on a 2 s offset) without entropy coding,
-which would add more frame overhead than a dozen numbers can save: an intent of T waypoints is
-``73 + 5 + 8 + 10 T`` bytes (116 for T = 3).
-
-The v2x layer has no codec id of its own for intents yet; the receiver tells them apart from
-perception keypoints by context (in :mod:`sim.env` only intents use ``KEYPOINT_FEATURES``).
+:class:`v2x.message.Message` with codec id ``INTENT`` (:class:`v2x.codecs.IntentCodec`): the
+waypoints in the sender's sensor frame (the header carries that pose, as for every message), each
+with two features, its time offset from the message timestamp (seconds) and the planned speed
+(m/s). Values are float16 (:mod:`v2x.quantize`: 2.4 cm at 50 m, 1 ms on a 2 s offset) without
+entropy coding, which would add more frame overhead than a dozen numbers can save: an intent of T
+waypoints is ``73 + 5 + 8 + 10 T`` bytes (116 for T = 3).
 """
 
 from __future__ import annotations
@@ -21,16 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.geometry import invert_T, transform_points
-from v2x.codecs import KeypointFeatures, KeypointFeaturesCodec
-from v2x.entropy import Compression
+from v2x.codecs import IntentCodec, KeypointFeatures
 from v2x.message import CodecId, DecodeError, Message, decode, encode
-from v2x.quantize import ValueFormat
 
 __all__ = ["INTENT_CODEC", "Intent", "IntentBook", "decode_intent", "encode_intent"]
 
-INTENT_CODEC = KeypointFeaturesCodec(
-    xyz_fmt=ValueFormat.FLOAT16, feature_fmt=ValueFormat.FLOAT16, compression=Compression.NONE
-)
+INTENT_CODEC = IntentCodec()
 
 
 @dataclass(frozen=True)
@@ -102,7 +94,7 @@ def encode_intent(
         )
     )
     message = Message.from_pose(
-        sender_id, seq, round(timestamp_s * 1e6), T_world_from_sensor, CodecId.KEYPOINT_FEATURES, payload
+        sender_id, seq, round(timestamp_s * 1e6), T_world_from_sensor, CodecId.INTENT, payload
     )
     return encode(message)
 
@@ -110,14 +102,10 @@ def encode_intent(
 def decode_intent(data: bytes) -> Intent:
     """Parse an intent message; raises :class:`v2x.message.DecodeError` on anything malformed."""
     message = decode(data)
-    if message.codec is not CodecId.KEYPOINT_FEATURES:
+    if message.codec is not CodecId.INTENT:
         raise DecodeError(f"not an intent message: codec {message.codec.name}")
-    body = KeypointFeaturesCodec.decode(message.payload)
-    if body.features.shape[1] != 2 or len(body.xyz) == 0:
-        raise DecodeError(f"an intent has >= 1 waypoint with 2 features, got {body.features.shape}")
+    body = IntentCodec.decode(message.payload)
     offsets = body.features[:, 0].astype(np.float64)
-    if np.any(np.diff(offsets) <= 0):
-        raise DecodeError("intent waypoint times must increase")
     xyz_world = transform_points(message.T_world_from_sensor, body.xyz.astype(np.float64))
     return Intent(
         sender_id=message.sender_id,

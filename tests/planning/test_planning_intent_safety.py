@@ -23,7 +23,7 @@ def test_intent_round_trip_through_the_wire_format():
     speeds = np.array([10.0, 10.5, 11.0])
     data = encode_intent(7, 3, 12.3, T, offsets, waypoints, speeds)
     assert len(data) == 73 + 5 + 8 + 10 * 3  # header + entropy prefix + head + float16 values
-    assert decode(data).codec is CodecId.KEYPOINT_FEATURES
+    assert decode(data).codec is CodecId.INTENT
     intent = decode_intent(data)
     assert intent.sender_id == 7 and intent.timestamp_s == pytest.approx(12.3)
     # float16 in the sensor frame: |x| <= 15 m here -> error below 1 cm

@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 from v2x.codecs import (
     DetectionsCodec,
     DetectionSet,
+    IntentCodec,
     KeypointFeatures,
     KeypointFeaturesCodec,
     PointFilter,
@@ -288,3 +289,32 @@ def test_request_map_pad_bits_must_be_zero():
 def test_unknown_codec_id_raises_decode_error():
     with pytest.raises(DecodeError):
         decode_payload(77, compress(b"", Compression.NONE))
+
+
+def test_intent_codec_round_trip_and_checks():
+    """INTENT: waypoints with (time offset, speed), float16 without entropy coding by default; the
+    body must hold >= 1 waypoint with exactly 2 features and increasing offsets, on both ends."""
+    data = KeypointFeatures(
+        np.array([[4.0, 0.5, -1.7], [8.0, 1.0, -1.7], [12.5, 1.5, -1.7]], np.float32),
+        np.array([[0.5, 10.0], [1.0, 10.5], [1.5, 11.0]], np.float32),
+    )
+    codec = IntentCodec()
+    payload = codec.encode(data)
+    assert len(payload) == 5 + 8 + 10 * 3  # entropy prefix + head + float16 values
+    out = decode_payload(CodecId.INTENT, payload)
+    xyz_bound, feature_bound = codec.max_abs_error(data)
+    assert np.all(np.abs(out.xyz.astype(np.float64) - data.xyz) <= xyz_bound)
+    assert np.all(np.abs(out.features.astype(np.float64) - data.features) <= feature_bound)
+    with pytest.raises(ValueError, match="2 features"):
+        codec.encode(KeypointFeatures(data.xyz, np.ones((3, 3), np.float32)))
+    with pytest.raises(ValueError, match="must increase"):
+        codec.encode(KeypointFeatures(data.xyz, data.features[::-1].copy()))
+    # a perception keypoint body is not an intent
+    keypoints = KeypointFeaturesCodec().encode(KeypointFeatures(data.xyz, np.ones((3, 5), np.float32)))
+    with pytest.raises(DecodeError, match="2 features"):
+        decode_payload(CodecId.INTENT, keypoints)
+    reversed_times = KeypointFeaturesCodec(ValueFormat.FLOAT16, ValueFormat.FLOAT16, Compression.NONE).encode(
+        KeypointFeatures(data.xyz, data.features[::-1].copy())
+    )
+    with pytest.raises(DecodeError, match="must increase"):
+        decode_payload(CodecId.INTENT, reversed_times)

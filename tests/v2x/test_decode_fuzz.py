@@ -16,6 +16,7 @@ import numpy as np
 from v2x.codecs import (
     DetectionsCodec,
     DetectionSet,
+    IntentCodec,
     KeypointFeatures,
     KeypointFeaturesCodec,
     RawPointsCodec,
@@ -45,6 +46,9 @@ def _payload_seeds(rng: np.random.Generator) -> list[tuple[CodecId, bytes]]:
     bev = SparseBEV.from_dense_topk(rng.normal(size=(3, 6, 7)), rng.uniform(size=(6, 7)), 9)
     det = DetectionSet(rng.normal(size=(4, 7)).astype(np.float32), rng.uniform(size=4), rng.integers(0, 9, 4))
     mask = rng.uniform(size=(9, 11)) < 0.3
+    intent = KeypointFeatures(
+        rng.normal(size=(3, 3)).astype(np.float32), np.array([[0.5, 9.0], [1.0, 9.5], [1.5, 10.0]], np.float32)
+    )
     seeds = []
     for compression in Compression:
         seeds += [
@@ -58,6 +62,7 @@ def _payload_seeds(rng: np.random.Generator) -> list[tuple[CodecId, bytes]]:
             (CodecId.SPARSE_BEV, SparseBEVCodec(ValueFormat.FLOAT32, compression).encode(bev)),
             (CodecId.DETECTIONS, DetectionsCodec(ValueFormat.INT16, compression).encode(det)),
             (CodecId.REQUEST_MAP, RequestMapCodec(compression).encode(mask)),
+            (CodecId.INTENT, IntentCodec(compression=compression).encode(intent)),
         ]
     return seeds
 
