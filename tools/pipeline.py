@@ -228,9 +228,14 @@ def planner_configs(cfg: PipelineConfig) -> dict[str, PlannerConfig]:
         ConfigError, ValueError, FileNotFoundError: a bad planner config or override.
     """
     p = cfg.planner
+    base = load_config(PlannerConfig, repo_path(p.config))
+    # a time-limit curriculum keeps its share of the training: the config's anneal over N of its
+    # total steps becomes the same fraction of the pipeline's steps (an explicit override wins)
+    anneal = round(base.curriculum.anneal_steps * p.steps / max(base.learner.total_steps, 1))
     out = {}
     for obs in p.observations:
         overrides = [
+            f"curriculum.anneal_steps={min(anneal, p.steps)}",
             *p.overrides,
             f"env.obs={obs}",
             f"learner.total_steps={p.steps}",

@@ -218,6 +218,13 @@ def test_demo_config_loads_and_holds_out_its_test_seeds():
     planners = pipeline.planner_configs(cfg)
     assert [p.env.obs for p in planners.values()] == ["ego_only", "visible"]
     assert {p.env.scenario for p in planners.values()} == {"red_light"}
+    # the planner config's time-limit curriculum keeps its share of the (shorter) training
+    base = pipeline.load_config(pipeline.PlannerConfig, pipeline.repo_path(cfg.planner.config))
+    assert base.curriculum.anneal_steps > 0
+    for planner in planners.values():
+        assert planner.learner.total_steps == cfg.planner.steps
+        share = planner.curriculum.anneal_steps / planner.learner.total_steps
+        assert share == pytest.approx(base.curriculum.anneal_steps / base.learner.total_steps, abs=1e-3)
 
 
 def test_every_demo_run_can_place_its_connected_vehicles():
