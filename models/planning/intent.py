@@ -83,8 +83,6 @@ def encode_intent(
             f"need T >= 1 offsets, waypoints and speeds alike, got {len(offsets_s)}, "
             f"{len(waypoints_world)}, {len(speeds)}"
         )
-    if np.any(np.diff(offsets_s) <= 0):
-        raise ValueError("waypoint time offsets must increase")
     T_sensor_from_world = invert_T(np.asarray(T_world_from_sensor, dtype=np.float64))
     ground = np.concatenate([waypoints_world, np.zeros((len(waypoints_world), 1))], axis=1)
     xyz_sensor = transform_points(T_sensor_from_world, ground)

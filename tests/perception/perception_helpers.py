@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datasets.coop_dataset import CoopSample
 from datasets.voxelize import VoxelGrid
 from models.bev_backbone import BevBackboneConfig
+from models.compressor import CompressorConfig
 from models.encoder import EncoderConfig
+from models.heads.detection import DetectionHeadConfig
 from models.heads.segmentation import SegmentationHeadConfig
-from models.perception import PerceptionModelConfig
+from models.perception import CooperativePerception, FusionConfig, PerceptionModelConfig
 from models.sparse_backbone import SparseBackboneConfig
 from sim.geometry import T_from_xyz_yaw, box_corners, invert_T, transform_points
 from sim.types import Semantic
@@ -54,6 +57,22 @@ def small_model_config(**changes) -> PerceptionModelConfig:
     )
     base = PerceptionModelConfig(grid=grid, encoder=encoder, segmentation=SegmentationHeadConfig(hidden_channels=8))
     return dataclasses.replace(base, **changes)
+
+
+def fusion_config(method: str, **changes) -> FusionConfig:
+    """Small compressed BEV messages (4 channels, at most 64 cells); CORE selects by request."""
+    selection = "request" if method == "core" else "nonempty"
+    return FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection), **changes)
+
+
+def build_model(method: str, seed: int = 0, **changes) -> CooperativePerception:
+    """:func:`small_model_config` with ``method``'s fusion, in eval mode. Score threshold 0: an
+    untrained head still returns its best boxes, so they can be compared."""
+    torch.manual_seed(seed)
+    config = small_model_config(
+        fusion=fusion_config(method), detection=DetectionHeadConfig(score_threshold=0.0), **changes
+    )
+    return CooperativePerception(config).eval()
 
 
 def scene_boxes(rng: np.random.Generator, count: int, half_extent: float = 14.0) -> np.ndarray:

@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from perception_helpers import small_model_config, synthetic_sample
+from perception_helpers import build_model, synthetic_sample
 
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
-from models.compressor import CompressorConfig
-from models.heads.detection import DetectionHeadConfig
-from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
+from models.perception import FUSION_METHODS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and the spconv-cu* wheel")
 
@@ -36,19 +34,11 @@ def _full_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
-def build(method: str) -> CooperativePerception:
-    torch.manual_seed(0)
-    selection = "request" if method == "core" else "nonempty"
-    fusion = FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection))
-    config = small_model_config(fusion=fusion, detection=DetectionHeadConfig(score_threshold=0.0))
-    return CooperativePerception(config)
-
-
 @pytest.mark.parametrize("method", FUSION_METHODS)
 def test_fusion_on_cuda_matches_cpu(method: str) -> None:
     """Same weights, same batch (3 agents and 2 agents): losses, encoder gradients, fused maps and
     the number of messages agree between CPU and GPU."""
-    cpu_model = build(method).train()
+    cpu_model = build_model(method).train()
     gpu_model = copy.deepcopy(cpu_model).cuda()
     batch = CoopCollate(cpu_model.config.grid)([synthetic_sample(21, 3), synthetic_sample(22, 2)])
     results = {}
@@ -73,7 +63,7 @@ def test_detections_on_cuda_match_cpu(method: str) -> None:
     """The dense detection maps agree; the decoded boxes agree as sets. An untrained head scores
     many anchors within float rounding of each other, so which of those near-ties make the cut
     (and NMS's order) can differ between devices: most boxes, not all, must be found on both."""
-    model = build(method).eval()
+    model = build_model(method).eval()
     gpu_model = copy.deepcopy(model).cuda()
     batch = CoopCollate(model.config.grid)([synthetic_sample(31, 4)])
     with torch.no_grad():

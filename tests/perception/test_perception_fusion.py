@@ -9,12 +9,17 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from perception_helpers import permute_others, small_model_config, synthetic_sample
+from perception_helpers import (
+    build_model,
+    fusion_config,
+    permute_others,
+    small_model_config,
+    synthetic_sample,
+)
 
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
 from models.compressor import CompressorConfig
-from models.heads.detection import DetectionHeadConfig
 from models.heads.reconstruction import ReconstructionConfig
 from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
 from v2x.message import HEADER_BYTES
@@ -22,22 +27,10 @@ from v2x.message import HEADER_BYTES
 LINK = V2XLink(LinkConfig())
 
 
-def fusion(method: str, **changes) -> FusionConfig:
-    selection = "request" if method == "core" else "nonempty"
-    return FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection), **changes)
-
-
-def build(method: str, seed: int = 0, **changes) -> CooperativePerception:
-    torch.manual_seed(seed)
-    # score threshold 0: an untrained head still returns its best boxes, so they can be compared
-    config = small_model_config(fusion=fusion(method), detection=DetectionHeadConfig(score_threshold=0.0), **changes)
-    return CooperativePerception(config).eval()
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, CooperativePerception]:
     """One model per method, all with the weights of the "none" model where they share modules."""
-    out = {m: build(m) for m in FUSION_METHODS}
+    out = {m: build_model(m) for m in FUSION_METHODS}
     shared = out["none"].state_dict()
     for model in out.values():
         model.load_state_dict(shared, strict=False)
@@ -104,7 +97,7 @@ def test_results_do_not_depend_on_the_order_of_the_other_agents(models, method):
 def test_cooperation_changes_the_ego_view_and_gradients_reach_the_senders():
     """With two agents the fused map differs from the ego's own, and the loss trains the shared
     encoder through the received (decoded) messages."""
-    model = build("attfuse").train()
+    model = build_model("attfuse").train()
     batch = CoopCollate(model.config.grid)([synthetic_sample(5, 2)])
     output, loss = model(batch, LINK)
     ego_only = model.encode_agents(batch, batch.ego_agent_index)
@@ -116,7 +109,7 @@ def test_cooperation_changes_the_ego_view_and_gradients_reach_the_senders():
 def test_lost_messages_fall_back_to_the_ego_view():
     """A channel that reaches no one (range 1 m on DSRC) delivers nothing: the fused map is the
     ego's own view and the records say the messages were lost."""
-    model = build("attfuse")
+    model = build_model("attfuse")
     batch = CoopCollate(model.config.grid)([synthetic_sample(6, 3)])
     lossy = V2XLink(dataclasses.replace(LinkConfig(channel="dsrc"), tick_s=0.1))
     lossy.channel = dataclasses.replace(lossy.channel, max_range_m=1.0)
@@ -138,7 +131,7 @@ def test_keypoint_messages_and_reconstruction_compose_with_fusion():
     assert model.keypoint_encoder.out.weight.grad.abs().sum() > 0
 
     torch.manual_seed(0)
-    core = small_model_config(fusion=fusion("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
+    core = small_model_config(fusion=fusion_config("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
     model = CooperativePerception(core).train()
     output, loss = model(CoopCollate(core.grid)([synthetic_sample(9, 3)]), LINK)
     assert loss.reconstruction is not None and loss.reconstruction.occupancy > 0 and loss.reconstruction.bev > 0
@@ -148,7 +141,7 @@ def test_keypoint_messages_and_reconstruction_compose_with_fusion():
 
 def test_inference_skips_reconstruction_unless_asked_and_detections_do_not_depend_on_it():
     torch.manual_seed(0)
-    core = small_model_config(fusion=fusion("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
+    core = small_model_config(fusion=fusion_config("core"), reconstruction=ReconstructionConfig(targets="both", channels=4))
     model = CooperativePerception(core).eval()
     batch = CoopCollate(core.grid)([synthetic_sample(10, 3)])
     with torch.no_grad():
