@@ -202,9 +202,10 @@ class RewardConfig:
     full speed keeps clear (the better of the two predicted post-encroachment margins of
     sim.env_conflict, from ground truth, is below -conflict_tolerance_s; the deficit is by how
     much, up to 1 s); charged for the state each decision leads to"""
-    conflict_tolerance_s: float = 0.25
+    conflict_tolerance_s: float = 0.1
     """margin below zero that is not charged (the margins' full-speed model is cautious: an ego
-    that goes first at full speed clears a crossing car with margins of about -0.1 s)"""
+    that goes first at full speed clears a crossing car with margins of about -0.1 s; going after
+    a red-light runner with a margin of -0.25 s collides, so the tolerance stays below that)"""
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,11 @@ CONFLICT_FEATURES = (
 _DISTANCE_NORM_M = 50.0
 _TIME_NORM_S = 5.0
 _TIME_CLIP = 2.0  # times beyond 10 s read as "no conflict"
-MARGIN_NORM_S = 2.0
-"""seconds per unit of the margin features"""
-_MARGIN_CLIP = 2.0  # margins beyond 4 s are as good as any larger one
+MARGIN_NORM_S = 0.5
+"""seconds per unit of the margin features: the go / wait decisions turn on tenths of a second
+(a late red-light runner leaves a go-first margin of -0.05 to +0.13 s, an early one -0.5 to -0.7 s),
+so one unit is half a second and a small MLP sees those apart without large weights"""
+_MARGIN_CLIP = 2.0  # margins beyond 1 s are as good as any larger one
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,11 @@ def first_conflict(
         if abs(float(path_dir[centre] @ course)) > max_parallel_cos:
             continue
         reach = 0.5 * boxes[i, 3] + 0.5 * ego_width + margin_m  # centre-to-path distance that counts
-        arrival = (float(along[centre]) - reach) / speed
-        clear = (float(along[centre]) + reach) / speed
+        # An oblique crossing (a left turn across the oncoming lane) spreads the ego's path inside
+        # the band along the other vehicle's course: it reaches the first of those points first
+        # and leaves the last one last, so both times bound the whole run, not its centre point.
+        arrival = (float(along[run].min()) - reach) / speed
+        clear = (float(along[run].max()) + reach) / speed
         if clear <= 0.0:
             continue  # already past
         if best is None or arrival < best.arrival_s:
@@ -150,7 +155,7 @@ def conflict_features(
 ) -> np.ndarray:
     """(6,) ``CONFLICT_FEATURES``: a presence flag, the ego's distance to the conflict / 50 m
     (clipped to [-1, 1]), the other vehicle's arrival and clearing times / 5 s (clipped to
-    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring) / 2 s, clipped
+    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring) / ``MARGIN_NORM_S``, clipped
     to [-2, 2], for an ego at ``ego_speed`` now pressing on up to ``max_speed`` whose rear is
     ``ego_length`` behind its front; without a conflict ``[0, 1, 2, 2, 2, 2]`` (far away, late,
     nothing in the way)."""

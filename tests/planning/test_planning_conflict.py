@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sim.env import EGO_FEATURES, EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig, RewardConfig
-from sim.env_conflict import CONFLICT_FEATURES, Conflict, conflict_features, first_conflict
+from sim.env_conflict import CONFLICT_FEATURES, MARGIN_NORM_S, Conflict, conflict_features, first_conflict
 from sim.env_lanes import MetaAction
 
 
@@ -46,6 +46,27 @@ def test_parallel_stopped_and_passed_vehicles_are_no_conflict():
     assert first_conflict(path, s, 2.0, np.zeros((0, 7)), np.zeros((0, 2))) is None
 
 
+def test_an_oblique_crossing_is_timed_over_the_whole_stretch_inside_the_band():
+    """A car crossing at 45 degrees occupies the ego's path over a long stretch: it reaches the
+    first point of that stretch earliest and leaves the last one latest, not at the centre."""
+    s = np.arange(0.0, 50.0 + 1e-9, 0.1)
+    path = np.stack([s, np.zeros_like(s)], axis=1)
+    course = np.array([1.0, 1.0]) / np.sqrt(2.0)  # north-east, crossing y = 0 at x = 30
+    centre = np.array([30.0, 0.0]) - 15.0 * course
+    boxes = _box(*centre, np.pi / 4)[None]
+    conflict = first_conflict(path, s, 2.0, boxes, (10.0 * course)[None])
+    assert conflict is not None
+    half_band = 2.5  # (2 + 2) / 2 + 0.5: the band is 2.5 / sin(45 deg) = 3.54 m either side along y = 0
+    stretch = half_band / np.sin(np.pi / 4)
+    assert conflict.distance_m == pytest.approx(30.0 - stretch, abs=0.1)
+    assert conflict.exit_m == pytest.approx(30.0 + stretch, abs=0.1)
+    # along the car's course those ends are 3.54 * cos(45 deg) = 2.5 m before and after x = 30
+    along_span = stretch * np.cos(np.pi / 4)
+    reach = 2.0 + 1.0 + 0.5
+    assert conflict.arrival_s == pytest.approx((15.0 - along_span - reach) / 10.0, abs=0.01)
+    assert conflict.clear_s == pytest.approx((15.0 + along_span + reach) / 10.0, abs=0.01)
+
+
 def test_the_earliest_arrival_wins_not_the_nearest_point():
     path, s = _straight_path()
     boxes = np.stack([_box(10.0, -30.0, np.pi / 2), _box(40.0, -12.0, np.pi / 2)])
@@ -61,13 +82,13 @@ def test_features_are_normalised_and_default_to_far_and_late():
     f = conflict_features(conflict, ego_speed=10.0, max_speed=10.0, ego_length=5.0)
     go_first = -1.0 - (0.15 + 3.5)  # the other vehicle is in the crossing already
     go_after = (0.15 + 2.5) - 60.0  # and stays for a minute
-    assert f.tolist() == pytest.approx([1.0, 0.5, -0.2, 2.0, max(go_first / 2.0, -2.0), -2.0])
+    assert f.tolist() == pytest.approx([1.0, 0.5, -0.2, 2.0, max(go_first / MARGIN_NORM_S, -2.0), -2.0])
     assert len(f) == len(CONFLICT_FEATURES)
     assert go_after < -4.0
-    # a car that arrives in 6 s and clears in 7 s: going first at full speed leaves 2.35 s;
+    # a car that arrives in 4 s and clears in 5 s: going first at full speed leaves 0.35 s;
     # standing still, the ego needs longer and the margin shrinks
-    later = Conflict(index=0, distance_m=25.0, exit_m=30.0, arrival_s=6.0, clear_s=7.0)
-    assert conflict_features(later, 10.0, 10.0, 5.0)[4] == pytest.approx((6.0 - 3.65) / 2.0)
+    later = Conflict(index=0, distance_m=25.0, exit_m=30.0, arrival_s=4.0, clear_s=5.0)
+    assert conflict_features(later, 10.0, 10.0, 5.0)[4] == pytest.approx((4.0 - 3.65) / MARGIN_NORM_S)
     assert conflict_features(later, 0.0, 10.0, 5.0)[4] < conflict_features(later, 10.0, 10.0, 5.0)[4]
 
 
@@ -108,7 +129,7 @@ def test_collision_course_cost_is_charged_only_when_no_way_through_is_clear(seed
         _, reward, *_ = env.step({"cav_0": int(MetaAction.FASTER)})
         rewards[cost] = reward["cav_0"]
     # ground truth decides, not what the ego_only agent knows: 1 decision of 0.2 s, charged in
-    # proportion to the deficit (the early runner's about 0.5 s, less the 0.25 s tolerance)
+    # proportion to the deficit (the early runner's about 0.5 s, less the 0.1 s tolerance)
     if on_course:
         assert -0.2 < rewards[-1.0] - rewards[0.0] < -0.02
     else:
