@@ -21,6 +21,16 @@ evaluation):
   other connected vehicles see; with ``ego_only`` only what its own LiDAR sees; ``oracle`` is the
   upper bound.
 
+- **feature rule** (``feature rule <obs>``, overtaking): a threshold policy on the env's passing
+  features (``EnvConfig.passing_features``, :mod:`sim.env_passing`) and nothing else: in its own
+  lane it follows the leader, and pulls out when the leader is slow, near, and the passing margin
+  is positive; out in the passing lane it presses FASTER until nothing is left to gain on the
+  leader, then cuts back in. It checks that the features suffice for the passing decision, as a
+  threshold on the conflict margins does for the crossing scenarios. ``feature rule + abort``
+  also gives up a pass (back behind the leader) when the margin drops below -1.5 s before the
+  ego is alongside the leader: what an ``ego_only`` ego can do once pulling out lets it see past
+  the truck.
+
 - **stop** (``stop``): SLOWER every decision (waits out the clock).
 
 A scenario needs cooperation when the best blind policy and ``informed ego_only`` stay low while
@@ -48,6 +58,8 @@ from tqdm import tqdm
 from models.planning.safety import footprint_clearance
 from sim.env import EGO_FEATURES, EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig, RewardConfig
 from sim.env_lanes import MetaAction, MetaState, plan_meta_trajectory
+from sim.env_passing import GAP_NORM_M, PASSING_FEATURES
+from sim.env_passing import MARGIN_NORM_S as PASSING_MARGIN_NORM_S
 from sim.geometry import wrap_angle
 
 A = MetaAction
@@ -55,6 +67,7 @@ CROSSING = ("left_turn", "red_light")
 OVERTAKING = ("overtaking",)
 SCENARIOS = (*CROSSING, *OVERTAKING)
 
+_SPEED = EGO_FEATURES.index("speed")
 _TARGET_SPEED = EGO_FEATURES.index("target_speed")
 _TARGET_OFFSET = EGO_FEATURES.index("target_offset")
 _SPEED_NORM = 30.0  # sim.env's normalisation of speeds in observations
@@ -372,6 +385,56 @@ def informed_overtaking(margin_m: float = 1.0, horizon_s: float = 7.0) -> Policy
     return act
 
 
+def feature_rule_overtaking(
+    slow_ratio: float = 0.5,
+    min_margin_s: float = 0.0,
+    pull_out_gap_m: float = 15.0,
+    abort_below_s: float | None = None,
+) -> Policy:
+    """A threshold policy on the passing features alone (the env must have
+    ``passing_features`` on; they are the last ego features).
+
+    In its own lane: pull out (LANE_LEFT) when the leader drives slower than ``slow_ratio`` of the
+    speed limit, its rear is within ``pull_out_gap_m`` and the passing margin exceeds
+    ``min_margin_s``; otherwise follow it ``_FOLLOW_GAP_M`` behind (FASTER without one). Out in
+    the passing lane: FASTER until nothing is left to gain on the leader, then LANE_RIGHT. With
+    ``abort_below_s``, a pass whose margin drops below it while the ego is still behind the
+    leader's rear is given up (LANE_RIGHT, back to following): an ``ego_only`` ego that pulled
+    out blind sees the oncoming car once it is out, and this is the cheapest way to use that.
+    """
+    closing_norm = 10.0  # m/s per unit of passing_leader_closing (sim.env_passing)
+
+    def act(env, obs, t, memory):
+        base = env.ego_dim - len(PASSING_FEATURES)
+        f = dict(zip(PASSING_FEATURES, obs[base : base + len(PASSING_FEATURES)].tolist(), strict=True))
+        if obs[_TARGET_OFFSET] > 0.5:  # set on the passing lane
+            if (
+                abort_below_s is not None
+                and f["passing_margin"] * PASSING_MARGIN_NORM_S < abort_below_s
+                and f["passing_leader"]
+                and f["passing_leader_gap"] > 0.0
+            ):
+                return int(A.LANE_RIGHT)
+            return int(A.LANE_RIGHT) if f["passing_to_gain"] <= 0.0 else int(A.FASTER)
+        if not f["passing_leader"]:
+            return int(A.FASTER)
+        gap_m = f["passing_leader_gap"] * GAP_NORM_M
+        if (
+            f["passing_leader_speed"] < slow_ratio
+            and gap_m < pull_out_gap_m
+            and f["passing_margin"] * PASSING_MARGIN_NORM_S > min_margin_s
+        ):
+            return int(A.LANE_LEFT)
+        speed = float(obs[_SPEED]) * _SPEED_NORM
+        target = float(obs[_TARGET_SPEED]) * _SPEED_NORM
+        desired = speed - closing_norm * f["passing_leader_closing"] + 0.5 * (gap_m - _FOLLOW_GAP_M)
+        if target < desired - 1.25:
+            return int(A.FASTER)
+        return int(A.SLOWER) if target > desired + 1.25 else int(A.IDLE)
+
+    return act
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------------
@@ -384,8 +447,11 @@ def run_policy(
     episodes: int,
     name: str,
     reward: RewardConfig | None = None,
+    passing_features: bool = False,
 ) -> Outcome:
-    config = EnvConfig(scenario=scenario, obs=obs_mode, reward=reward or RewardConfig())
+    config = EnvConfig(
+        scenario=scenario, obs=obs_mode, reward=reward or RewardConfig(), passing_features=passing_features
+    )
     env = CoopDrivingEnv(config, seed=0)
     totals = {"success": 0.0, "collision": 0.0, "timeout": 0.0, "return": 0.0}
     for k in range(episodes):
@@ -416,6 +482,11 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
     out = [("stop", "oracle", stop)]
     out += [(f"blind d={d:g}s", "oracle", blind(d)) for d in delays]
     out += [(f"informed {mode}", mode, informed()) for mode in ("ego_only", "visible", "oracle")]
+    if scenario in OVERTAKING:
+        modes = ("ego_only", "visible", "oracle")
+        out += [(f"feature rule {mode}", mode, feature_rule_overtaking()) for mode in modes]
+        abort = feature_rule_overtaking(abort_below_s=-1.5)
+        out += [(f"feature rule + abort {mode}", mode, abort) for mode in modes]
     return out
 
 
@@ -435,7 +506,9 @@ def main() -> None:
     parser.add_argument(
         "--delays", type=float, nargs="+", help="blind commit times in s (default per scenario)"
     )
-    parser.add_argument("--only", choices=("stop", "blind", "informed"), help="run one family only")
+    parser.add_argument(
+        "--only", choices=("stop", "blind", "informed", "feature"), help="run one family only"
+    )
     parser.add_argument(
         "--config", help="planner config (YAML) whose env.reward the returns are computed with"
     )
@@ -453,7 +526,8 @@ def main() -> None:
         if args.only:
             todo = [p for p in todo if p[0].startswith(args.only)]
         for name, mode, policy in tqdm(todo, desc=scenario):
-            outcomes.append(run_policy(scenario, mode, policy, args.episodes, name, reward))
+            features = name.startswith("feature rule")
+            outcomes.append(run_policy(scenario, mode, policy, args.episodes, name, reward, features))
     print("| scenario | policy | episodes | success | collision | timeout | return |")
     print("|---|---|---|---|---|---|---|")
     for o in outcomes:

@@ -23,6 +23,11 @@ nearest known vehicles, all in the agent's own frame (x forward, y left):
   (:data:`sim.env_conflict.CONFLICT_FEATURES`: whether there is one, the agent's distance to it,
   when the other vehicle reaches and clears it, and when the agent would at full speed;
   :func:`sim.env_conflict.first_conflict`);
+- with ``passing_features`` on (after those), the passing situation on a two-way road
+  (:data:`sim.env_passing.PASSING_FEATURES`: the leader in the agent's own lane, its gap, closing
+  speed and speed and how far the agent still has to gain on it, the known oncoming vehicle in
+  the lane to the left, when it meets the agent, and the passing margin of a pass at full speed
+  from now; :func:`sim.env_passing.passing_situation`);
 - per vehicle (:data:`OBJECT_FEATURES`): presence, relative position and velocity, relative
   heading, length, width; with intent sharing on, also whether the vehicle's intent was received
   and its planned position relative to the agent 0.5, 1.0 and 1.5 s ahead
@@ -37,7 +42,10 @@ steering), lane changes, red lights run, and MAPPO-PIS's merge-lane cost
 ``-exp(-(x - L)^2 / (10 L))`` while still on an on-ramp's acceleration lane (x: distance driven
 on it, L: its length), a timeout term, and a collision-course cost: per second, by how far the
 better way through the first crossing of the own path (going first or after the crossing vehicle
-at full speed, :mod:`sim.env_conflict`, from ground truth) falls short of keeping clear.
+at full speed, :mod:`sim.env_conflict`, from ground truth) falls short of keeping clear, and a
+head-on cost: per second, while the agent is set on the lane to its left, by how far the passing
+margin (:mod:`sim.env_passing`, from ground truth) falls short of keeping clear of the oncoming
+vehicle.
 
 **Episode end** per agent: collision (terminated), reaching the goal ``goal_m`` along the own route
 (terminated, success), or the time limit ``episode_s`` (truncated; a learner for which the limit
@@ -47,7 +55,11 @@ collided brakes to a stop; one that succeeded drives on with the driver model.
 curriculum).
 
 **V2X**: detections (``visible``) and intents (``intent``) are real :mod:`v2x` messages on one
-:class:`v2x.bus.BroadcastBus` per episode; ``bytes_sent`` counts what went on air.
+:class:`v2x.bus.BroadcastBus` per episode; ``bytes_sent`` counts what went on air, plus the
+messages of the ``perception`` source's model, which go through its own :class:`models.comm.V2XLink`
+on the same channel. With ``perception``, the known vehicles' boxes and velocities in observations
+(objects and conflict features) are the model's detections and their tracked velocities
+(:mod:`sim.env_perception`); rewards, collisions and episode ends stay ground truth.
 **Safety** (``safety``, discrete actions only): :func:`models.planning.safety.supervise` replaces
 unsafe actions before they are applied, predicting known vehicles by their intents when shared.
 
@@ -86,7 +98,8 @@ from sim.env_lanes import (
     snapped_offset,
     update_meta_state,
 )
-from sim.env_obs import ObsMode, make_source, sensor_pose
+from sim.env_obs import ObsMode, PerceptionObsConfig, make_source, nearest_within, sensor_pose
+from sim.env_passing import PASSING_FEATURES, Passing, passing_features, passing_situation
 from sim.env_visibility import VisibilityConfig
 from sim.geometry import wrap_angle
 from sim.scenarios import SCENARIOS
@@ -146,6 +159,7 @@ _OBS_CLIP = 5.0
 _LATERAL_ACTIONS = tuple(MetaAction)
 _LONGITUDINAL_ACTIONS = (MetaAction.IDLE, MetaAction.FASTER, MetaAction.SLOWER)
 _CONFLICT_LOOKAHEAD_M = 50.0  # how far ahead of the agent's front path conflicts are looked for
+_INTENT_MATCH_GATE_M = 3.0  # an estimated box takes the intent of a sender planned this close to it
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,18 @@ class RewardConfig:
     """margin below zero that is not charged (the margins' full-speed model is cautious: an ego
     that goes first at full speed clears a crossing car with margins of about -0.1 s; going after
     a red-light runner with a margin of -0.25 s collides, so the tolerance stays below that)"""
+    head_on: float = 0.0
+    """per second on a head-on course with a 1 s deficit, falling linearly to 0 at no deficit: the
+    agent is set on the lane to its left (pulling out to pass, or out there) and an oncoming
+    vehicle reaches the point where the agent would be back in its own lane, passing the vehicle
+    ahead at full speed, before the agent does (the passing margin of sim.env_passing, from ground
+    truth, is below -head_on_tolerance_s; the deficit is by how much, up to 1 s); charged for the
+    state each decision leads to"""
+    head_on_tolerance_s: float = 1.5
+    """passing margin below zero that is not charged (the margin predicts the oncoming vehicle at
+    constant speed, but its driver brakes once the agent is in its lane: in the overtaking
+    scenario passes with margins down to -1.25 s succeed, and pulling out in front of an early
+    oncoming car leaves -6 to -8 s)"""
 
 
 @dataclass(frozen=True)
@@ -225,6 +251,10 @@ class EnvConfig:
     conflict_features: bool = False
     """append the first path conflict with a known vehicle to the ego features
     (sim.env_conflict.CONFLICT_FEATURES); off by default, on in the occlusion scenarios' configs"""
+    passing_features: bool = False
+    """append the passing situation (the leader in the own lane, the oncoming vehicle in the lane
+    to the left, the passing margin; sim.env_passing.PASSING_FEATURES) to the ego features, after
+    the conflict features; off by default, on in the overtaking config"""
     obs_range_m: float = 80.0
     """vehicles further than this are left out of observations"""
     decision_ticks: int = 2
@@ -243,6 +273,8 @@ class EnvConfig:
     allow_oncoming: bool | None = None
     """whether lane changes may use oncoming lanes; None: only on the two-lane road"""
     visibility: VisibilityConfig = field(default_factory=VisibilityConfig)
+    perception: PerceptionObsConfig = field(default_factory=PerceptionObsConfig)
+    """the perception checkpoint of obs=perception (perception.checkpoint required there)"""
     meta: MetaControllerConfig = field(default_factory=MetaControllerConfig)
     intent: bool = False
     """broadcast planned trajectories and observe the neighbours' (MAPPO-PIS)"""
@@ -282,8 +314,7 @@ class EnvConfig:
         self.visibility.validate()
         self.meta.validate()
         self.safety_config.validate()
-        if self.obs == ObsMode.PERCEPTION.value:
-            make_source(self.obs, self.visibility)  # raises the explanation
+        self.perception.validate(required=self.obs == ObsMode.PERCEPTION.value)
 
     def task(self) -> ScenarioTask:
         """The scenario's task with this config's overrides."""
@@ -406,6 +437,10 @@ class CoopDrivingEnv(ParallelEnv):
             self.config.obs,
             self.config.visibility,
             PoseNoise(self.config.pose_noise_xyz_m, self.config.pose_noise_yaw_rad),
+            perception=self.config.perception,
+            channel=self.config.channel,
+            decision_s=self.dt * self.config.decision_ticks,
+            airtime_budget_s=self.config.airtime_budget_s,
         )
         self.channel = make_channel(self.config.channel)
         self._rng = np.random.default_rng(seed)
@@ -416,7 +451,11 @@ class CoopDrivingEnv(ParallelEnv):
         self.agents: list[str] = []
         k = self.config.k_nearest
         self.object_dim = len(OBJECT_FEATURES) + (len(INTENT_FEATURES) if self.config.intent else 0)
-        self.ego_dim = len(EGO_FEATURES) + (len(CONFLICT_FEATURES) if self.config.conflict_features else 0)
+        self.ego_dim = (
+            len(EGO_FEATURES)
+            + (len(CONFLICT_FEATURES) if self.config.conflict_features else 0)
+            + (len(PASSING_FEATURES) if self.config.passing_features else 0)
+        )
         self.obs_dim = self.ego_dim + k * self.object_dim
         self.state_dim = n * (self.obs_dim + 1) + 1
         obs_space = spaces.Box(-_OBS_CLIP, _OBS_CLIP, (self.obs_dim,), np.float32)
@@ -608,6 +647,12 @@ class CoopDrivingEnv(ParallelEnv):
                 if tr.live:
                     deficit = self._conflict_deficit(tr, frame)
                     rewards[a] += r.conflict * deficit * self.dt * self.config.decision_ticks
+        if r.head_on != 0.0:
+            for a in acting:
+                tr = self._tracks[a]
+                if tr.live:
+                    deficit = self._head_on_deficit(tr, frame)
+                    rewards[a] += r.head_on * deficit * self.dt * self.config.decision_ticks
 
         # 3. communicate and observe
         self._communicate(frame, intents)
@@ -633,7 +678,8 @@ class CoopDrivingEnv(ParallelEnv):
             if tr is None or not tr.live or tr.vid not in set(ids.tolist()):
                 parts.append(np.zeros(self.obs_dim + 1, dtype=np.float32))
                 continue
-            parts.append(np.concatenate([[1.0], self._observe(tr, ids != tr.vid, use_intents=False)]))
+            oracle = self._observe(tr, ids != tr.vid, use_intents=False, use_estimates=False)
+            parts.append(np.concatenate([[1.0], oracle]))
         parts.append(np.array([self.frame.time_s / self.task.episode_s]))
         return np.concatenate(parts).astype(np.float32)
 
@@ -929,6 +975,9 @@ class CoopDrivingEnv(ParallelEnv):
         report = self._bus.step(self._decision, outgoing, positions)
         self.bytes_sent += report.bytes_on_air
         self.messages_sent += sum(not t.expired for t in report.transmissions)
+        side = self.source.link_traffic()  # the perception model's own link
+        self.bytes_sent += side.bytes_on_air
+        self.messages_sent += side.messages
         if self.config.intent:
             for receiver, deliveries in report.received.items():
                 for delivery in deliveries:
@@ -938,8 +987,11 @@ class CoopDrivingEnv(ParallelEnv):
                         continue  # not an intent (detections)
         self._known = self.source.known(frame, observers, report.received)
 
-    def _observe(self, tr: _Track, known: np.ndarray | None, use_intents: bool = True) -> np.ndarray:
-        """(obs_dim,) float32 observation of one agent (see the module docstring)."""
+    def _observe(
+        self, tr: _Track, known: np.ndarray | None, use_intents: bool = True, use_estimates: bool = True
+    ) -> np.ndarray:
+        """(obs_dim,) float32 observation of one agent (see the module docstring); the known
+        vehicles' states are the source's estimates where it makes them and ``use_estimates``."""
         frame = self.frame
         assert frame is not None
         cfg = self.config
@@ -955,10 +1007,12 @@ class CoopDrivingEnv(ParallelEnv):
             known = np.zeros(len(ids), dtype=bool)
         known = known & (ids != tr.vid)
         idx = np.flatnonzero(known)
+        boxes, velocities, object_ids = self._known_objects(tr, frame, idx, use_estimates)
         if cfg.conflict_features:
-            ego_feat = np.concatenate([ego_feat, self._conflict_features(tr, me, frame, idx)])
-        if len(idx):
-            boxes = self._boxes(frame)[idx]
+            ego_feat = np.concatenate([ego_feat, self._conflict_features(tr, me, boxes, velocities)])
+        if cfg.passing_features:
+            ego_feat = np.concatenate([ego_feat, self._passing_features(tr, me, boxes, velocities)])
+        if len(boxes):
             yaw = me.yaw
             c, s = np.cos(yaw), np.sin(yaw)
             rel = boxes[:, :2] - me.T_world_from_agent[:2, 3]
@@ -968,11 +1022,7 @@ class CoopDrivingEnv(ParallelEnv):
             keep = dist <= cfg.obs_range_m
             order = np.argsort(dist[keep], kind="stable")[: cfg.k_nearest]
             sel = np.flatnonzero(keep)[order]
-            vel = (
-                np.stack([frame.agents[i].velocity[:2] for i in idx[sel]]) - me.velocity[:2]
-                if len(sel)
-                else None
-            )
+            vel = velocities[sel] - me.velocity[:2]
             rng = cfg.obs_range_m
             held = self._intents.intents_of(tr.vid, frame.time_s) if (cfg.intent and use_intents) else {}
             for row, j in enumerate(sel):
@@ -990,7 +1040,7 @@ class CoopDrivingEnv(ParallelEnv):
                     boxes[j, 3] / 10.0,
                     boxes[j, 4] / 5.0,
                 ]
-                vid = int(ids[idx[j]])
+                vid = int(object_ids[j])
                 if cfg.intent and vid in held:
                     future = (
                         held[vid].position_at(frame.time_s + np.array(_INTENT_OFFSETS_S))
@@ -1006,32 +1056,99 @@ class CoopDrivingEnv(ParallelEnv):
         """Seconds (0 to 1) by which the better way through the first conflict on the agent's path
         (ground truth; going first or after at full speed) falls short of
         ``-reward.conflict_tolerance_s``; 0 without a conflict."""
-        ids = frame.agent_ids
         me = frame.agent(tr.vid)
-        features = self._conflict_features(tr, me, frame, np.flatnonzero(ids != tr.vid))
+        others = np.flatnonzero(frame.agent_ids != tr.vid)
+        boxes, velocities, _ = self._known_objects(tr, frame, others, use_estimates=False)
+        features = self._conflict_features(tr, me, boxes, velocities)
         if features[0] == 0:
             return 0.0
         best_margin_s = MARGIN_NORM_S * max(features[-2:])
         return float(np.clip(-(best_margin_s + self.config.reward.conflict_tolerance_s), 0.0, 1.0))
 
-    def _conflict_features(self, tr: _Track, me, frame: SceneFrame, idx: np.ndarray) -> np.ndarray:
+    def _known_objects(
+        self, tr: _Track, frame: SceneFrame, idx: np.ndarray, use_estimates: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the agent knows of other vehicles: (K, 7) world boxes, (K, 2) world velocities and
+        (K,) vehicle ids (-1: not known). The source's estimates when it makes them and
+        ``use_estimates`` (``perception``: detections, ids only from the received intents whose
+        sender's plan puts it within 3 m of a detection now), else the ground truth of the known
+        vehicles ``idx`` (indices into ``frame.agents``)."""
+        estimates = self.source.estimates(tr.vid) if use_estimates else None
+        if estimates is None:
+            velocities = (
+                np.stack([frame.agents[i].velocity[:2] for i in idx]) if len(idx) else np.zeros((0, 2))
+            )
+            return self._boxes(frame)[idx], velocities, frame.agent_ids[idx]
+        object_ids = np.full(len(estimates), -1, dtype=np.int64)
+        held = self._intents.intents_of(tr.vid, frame.time_s) if self.config.intent else {}
+        if held and len(estimates):
+            senders = np.array(sorted(held), dtype=np.int64)
+            planned = np.stack([_planned_position_now(held[int(v)], frame.time_s) for v in senders])
+            match = nearest_within(estimates.boxes[:, :2], planned, _INTENT_MATCH_GATE_M)
+            object_ids[match >= 0] = senders[match[match >= 0]]
+        return estimates.boxes, estimates.velocities, object_ids
+
+    def _conflict_features(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> np.ndarray:
         """(len(CONFLICT_FEATURES),) the first crossing of the agent's path (its route at its
-        target offset, from its rear to 50 m ahead of its front) by the known vehicles ``idx``
-        within the observation range."""
-        boxes = self._boxes(frame)[idx]
+        target offset, from its rear to 50 m ahead of its front) by the known vehicles, (K, 7)
+        world ``boxes`` moving at (K, 2) ``velocities``, within the observation range."""
         near = np.hypot(*(boxes[:, :2] - me.T_world_from_agent[:2, 3]).T) <= self.config.obs_range_m
-        idx, boxes = idx[near], boxes[near]
+        boxes, velocities = boxes[near], velocities[near]
         length = float(tr.extent[0])
-        if len(idx) == 0:
+        if len(boxes) == 0:
             return conflict_features(None, me.speed, tr.meta.max_speed, length)
         path_s = np.arange(-length, _CONFLICT_LOOKAHEAD_M + 1e-9, 1.0)  # from the agent's front
         s = tr.s + 0.5 * length + path_s
         heading = tr.route.heading(s)
         normal = np.stack([-np.sin(heading), np.cos(heading)], axis=1)  # (P, 2) to the left
         path_xy = tr.route.point(s) + tr.meta.target_offset * normal
-        velocities = np.stack([frame.agents[i].velocity[:2] for i in idx])
         conflict = first_conflict(path_xy, path_s, float(tr.extent[1]), boxes, velocities)
         return conflict_features(conflict, me.speed, tr.meta.max_speed, length)
+
+    def _passing(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> Passing:
+        """:func:`sim.env_passing.passing_situation` of the agent with the known vehicles, (K, 7)
+        world ``boxes`` moving at (K, 2) ``velocities``, within the observation range, in the
+        frame of its own route."""
+        xy = me.T_world_from_agent[:2, 3]
+        near = np.hypot(*(boxes[:, :2] - xy).T) <= self.config.obs_range_m
+        boxes, velocities = boxes[near], velocities[near]
+        length = float(tr.extent[0])
+        window = (tr.s - self.config.obs_range_m - 10.0, tr.s + self.config.obs_range_m + 10.0)
+        _, ego_offset = tr.route.project(xy[None], s_range=(tr.s - 5.0, tr.s + 5.0))
+        if len(boxes):
+            s, offset = tr.route.project(boxes[:, :2], s_range=window)
+            heading = tr.route.heading(s)
+            speed_along = velocities[:, 0] * np.cos(heading) + velocities[:, 1] * np.sin(heading)
+        else:
+            s = offset = speed_along = np.zeros(0)
+        return passing_situation(
+            ego_front_s=tr.s + 0.5 * length,
+            ego_length=length,
+            ego_offset=float(ego_offset[0]),
+            ego_speed=me.speed,
+            max_speed=tr.meta.max_speed,
+            s=s,
+            offset=offset,
+            speed_along=speed_along,
+            length=boxes[:, 3],
+            lane_width=self.config.meta.lane_width,
+        )
+
+    def _passing_features(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> np.ndarray:
+        """(len(PASSING_FEATURES),) the agent's passing situation with the known vehicles."""
+        return passing_features(self._passing(tr, me, boxes, velocities), me.speed, tr.meta.max_speed)
+
+    def _head_on_deficit(self, tr: _Track, frame: SceneFrame) -> float:
+        """Seconds (0 to 1) by which the passing margin (ground truth) falls short of
+        ``-reward.head_on_tolerance_s`` while the agent is set on the lane to its left (its
+        target offset beyond half a lane); 0 in its own lane (not pulling out is always open)."""
+        if tr.meta.target_offset < self.config.meta.lane_width / 2:
+            return 0.0
+        me = frame.agent(tr.vid)
+        others = np.flatnonzero(frame.agent_ids != tr.vid)
+        boxes, velocities, _ = self._known_objects(tr, frame, others, use_estimates=False)
+        margin_s = self._passing(tr, me, boxes, velocities).margin_s
+        return float(np.clip(-(margin_s + self.config.reward.head_on_tolerance_s), 0.0, 1.0))
 
     def _ego_features(self, tr: _Track, me, frame: SceneFrame) -> np.ndarray:
         cfg = self.config
@@ -1082,6 +1199,16 @@ class CoopDrivingEnv(ParallelEnv):
                 merge_end,
             ]
         )
+
+
+def _planned_position_now(intent: Intent, time_s: float) -> np.ndarray:
+    """(2,) where an intent's sender should be at ``time_s`` by its plan: on the waypoints, and
+    before the first one along the first leg extended back (waypoints start 0.5 s after planning,
+    the intent is received 0.2 s after)."""
+    t, w = intent.times_s, intent.waypoints
+    if time_s >= t[0] or len(t) < 2:
+        return intent.position_at(time_s)
+    return w[0] + (time_s - t[0]) * (w[1] - w[0]) / max(float(t[1] - t[0]), 1e-6)
 
 
 def _intent_poses(intent: Intent, times: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -14,22 +14,34 @@ source, chosen by ``EnvConfig.obs``:
   them to vehicles by nearest centre; the matched vehicles' states are then taken from ground
   truth. The mode answers "which vehicles are known through sensing and the channel"; how well
   their states are estimated is the ``perception`` mode's question.
-- ``perception``: a trained cooperative perception model on the scans; not available yet.
+- ``perception`` (:mod:`sim.env_perception`): a trained cooperative perception checkpoint
+  (:class:`PerceptionObsConfig`) runs on full LiDAR scans of the agent (as the ego) and of the
+  connected vehicles within the checkpoint's communication range, its messages going through
+  :class:`models.comm.V2XLink` over the env's channel; what an agent observes are the detected
+  boxes and the velocities a small tracker estimates from them (:meth:`ObservationSource.estimates`),
+  not ground-truth states. ``visible`` is the fast mode to train with, ``perception`` the honest
+  one to evaluate with.
 
-Every source implements :class:`ObservationSource`, so a perception source only has to provide
-the same three methods.
+Every source implements :class:`ObservationSource`. ``known`` answers which vehicles an observer
+knows; a source that estimates their states itself (``perception``) also answers ``estimates``, and
+the env then builds observations from those estimates; the others return None there and the env
+reads the known vehicles' states from ground truth. Rewards, collisions and episode ends are
+always ground truth.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 
 from sim.env_visibility import VisibilityCaster, VisibilityConfig
 from sim.geometry import T_from_xyz_yaw, invert_T, transform_boxes
+from sim.lidar import LIDAR_PRESETS
 from sim.types import ActorKind, SceneFrame
 from v2x.bus import Delivery
 from v2x.codecs import DetectionsCodec, DetectionSet
@@ -37,19 +49,17 @@ from v2x.message import CodecId, DecodeError, Message, decode, encode
 from v2x.pose_noise import PoseNoise
 
 __all__ = [
-    "PERCEPTION_UNAVAILABLE",
     "GroundTruthSource",
+    "LinkTraffic",
+    "ObjectEstimates",
     "ObsMode",
     "ObservationSource",
+    "PerceptionObsConfig",
     "VisibleSource",
     "make_source",
+    "nearest_within",
     "sensor_pose",
 ]
-
-PERCEPTION_UNAVAILABLE = (
-    "observation mode 'perception' is not available yet: needs a trained cooperative perception "
-    "checkpoint (see the perception issue)"
-)
 
 
 class ObsMode(str, enum.Enum):
@@ -61,14 +71,121 @@ class ObsMode(str, enum.Enum):
     PERCEPTION = "perception"
 
 
+@dataclass(frozen=True)
+class PerceptionObsConfig:
+    """The cooperative perception checkpoint behind the ``perception`` mode (:mod:`sim.env_perception`)."""
+
+    checkpoint: str | None = None
+    """run folder of tools/train.py (``config.yaml`` + ``checkpoint.pt``) or its ``checkpoint.pt``;
+    required for obs=perception"""
+    lidar: str | None = None
+    """LiDAR preset (sim.lidar.LIDAR_PRESETS) the vehicles scan with; None: the sensor recorded in
+    the manifests of the checkpoint's training data (an error when that data is not on this
+    machine: the model only works on the kind of scans it was trained on)"""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    score_threshold: float = 0.3
+    """detections scoring below this are not observed (the checkpoints decode down to 0.05 with
+    up to 60 boxes for AP; a planner needs the confident ones)"""
+    track_gate_m: float = 2.0
+    """a detection continues a track whose predicted centre is this close (plus, for a track seen
+    once and so without a velocity yet, the distance a 25 m/s vehicle covers in between)"""
+    track_smoothing: float = 0.5
+    """weight of the newest finite-difference velocity in a track's velocity (1: no smoothing)"""
+
+    def paths(self) -> tuple[Path, Path]:
+        """(run folder, checkpoint file) of ``checkpoint``."""
+        if not self.checkpoint:
+            raise ValueError("no perception checkpoint given")
+        path = Path(self.checkpoint)
+        if path.suffix == ".pt":
+            return path.parent, path
+        return path, path / "checkpoint.pt"
+
+    def validate(self, required: bool) -> None:
+        """Check the settings; with ``required`` (obs=perception) also that the checkpoint's files
+        exist. Raises ValueError."""
+        problems = []
+        if self.lidar is not None and self.lidar not in LIDAR_PRESETS:
+            problems.append(
+                f"perception.lidar {self.lidar!r} is no LiDAR preset; valid: {sorted(LIDAR_PRESETS)}"
+            )
+        if self.device not in ("cpu", "cuda", "auto"):
+            problems.append(f"perception.device must be cpu, cuda or auto, got {self.device!r}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            problems.append(f"perception.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not self.track_gate_m > 0:
+            problems.append(f"perception.track_gate_m must be > 0, got {self.track_gate_m}")
+        if not 0.0 < self.track_smoothing <= 1.0:
+            problems.append(f"perception.track_smoothing must be in (0, 1], got {self.track_smoothing}")
+        if required:
+            if not self.checkpoint:
+                problems.append(
+                    "obs=perception needs perception.checkpoint: a cooperative perception run folder "
+                    "of tools/train.py (config.yaml and checkpoint.pt)"
+                )
+            else:
+                run, checkpoint = self.paths()
+                if not checkpoint.is_file() or not (run / "config.yaml").is_file():
+                    problems.append(
+                        f"perception.checkpoint {self.checkpoint}: no checkpoint.pt and config.yaml "
+                        "of a tools/train.py run there"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ObjectEstimates:
+    """What an observer's own estimation says about the vehicles around it now, world frame.
+
+    Attributes:
+        boxes: (K, 7) float64 bottom-centre boxes (mmdet3d convention).
+        velocities: (K, 2) float64 world x, y velocities, m/s.
+        scores: (K,) float64 detection confidence.
+    """
+
+    boxes: np.ndarray
+    velocities: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def empty(cls) -> ObjectEstimates:
+        return cls(np.zeros((0, 7)), np.zeros((0, 2)), np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass(frozen=True)
+class LinkTraffic:
+    """What a source sent in one decision over a link of its own rather than the env's bus
+    (the perception model's messages go through :class:`models.comm.V2XLink`)."""
+
+    bytes_on_air: int = 0
+    messages: int = 0
+
+
 def sensor_pose(frame: SceneFrame, index: int, mount_z: float) -> np.ndarray:
     """(4, 4) ``T_world_from_sensor`` of ``frame.agents[index]``: roof centre + ``mount_z``."""
     agent = frame.agents[index]
     return agent.T_world_from_agent @ T_from_xyz_yaw(0.0, 0.0, float(agent.extent[2]) + mount_z, 0.0)
 
 
+def nearest_within(points: np.ndarray, targets: np.ndarray, gate_m: float) -> np.ndarray:
+    """(D,) int64 index of the nearest of ``targets`` (T, 2) to each of ``points`` (D, 2), or -1
+    where none is within ``gate_m``."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    targets = np.asarray(targets, dtype=np.float64).reshape(-1, 2)
+    if len(points) == 0 or len(targets) == 0:
+        return np.full(len(points), -1, dtype=np.int64)
+    d = np.linalg.norm(points[:, None, :] - targets[None, :, :], axis=-1)  # (D, T)
+    nearest = np.argmin(d, axis=1)
+    return np.where(d[np.arange(len(points)), nearest] <= gate_m, nearest, -1).astype(np.int64)
+
+
 class ObservationSource(Protocol):
-    """What the env asks of a source, once per decision, in this order."""
+    """What the env asks of a source, once per decision: ``sense``, then ``known``, then
+    ``link_traffic`` and, while building observations, ``estimates``."""
 
     mode: ObsMode
 
@@ -87,6 +204,14 @@ class ObservationSource(Protocol):
         its own). An observer never "knows" itself.
         """
 
+    def estimates(self, observer: int) -> ObjectEstimates | None:
+        """The observer's own estimates of the vehicles it knows, from the last ``sense``; None
+        when the source makes none (the env then takes the known vehicles' ground-truth states)."""
+
+    def link_traffic(self) -> LinkTraffic:
+        """Bytes and messages the last ``sense`` sent outside the env's bus (counted in the env's
+        ``bytes_sent``)."""
+
 
 class GroundTruthSource:
     """``oracle``: every vehicle is known; nothing is sent."""
@@ -104,6 +229,12 @@ class GroundTruthSource:
     ) -> dict[int, np.ndarray]:
         ids = frame.agent_ids
         return {o: ids != o for o in observer_ids}
+
+    def estimates(self, observer: int) -> ObjectEstimates | None:
+        return None
+
+    def link_traffic(self) -> LinkTraffic:
+        return LinkTraffic()
 
 
 class VisibleSource:
@@ -193,6 +324,12 @@ class VisibleSource:
             out[observer] = known
         return out
 
+    def estimates(self, observer: int) -> ObjectEstimates | None:
+        return None
+
+    def link_traffic(self) -> LinkTraffic:
+        return LinkTraffic()  # its detections go on the env's bus
+
     def _match(self, data: bytes, now_s: float, centres: np.ndarray) -> np.ndarray | None:
         """Indices of the vehicles a detections message describes, or None for other messages."""
         try:
@@ -225,9 +362,20 @@ _KIND_LABELS = {kind: index for index, kind in enumerate(ActorKind)}
 
 
 def make_source(
-    mode: ObsMode | str, visibility: VisibilityConfig, pose_noise: PoseNoise | None = None
+    mode: ObsMode | str,
+    visibility: VisibilityConfig,
+    pose_noise: PoseNoise | None = None,
+    perception: PerceptionObsConfig | None = None,
+    channel: str = "dsrc",
+    decision_s: float = 0.2,
+    airtime_budget_s: float | None = None,
 ) -> ObservationSource:
-    """The source for ``mode``; ``ValueError`` for ``perception`` (not available yet) and unknown modes."""
+    """The source for ``mode``; ``ValueError`` for unknown modes and for ``perception`` without a
+    loadable checkpoint.
+
+    ``channel``, ``decision_s`` (the time between decisions) and ``airtime_budget_s`` set the link
+    the perception model's messages go through; the other sources put theirs on the env's bus.
+    """
     try:
         mode = ObsMode(mode)
     except ValueError:
@@ -240,5 +388,10 @@ def make_source(
         case ObsMode.VISIBLE:
             return VisibleSource(True, visibility, pose_noise)
         case ObsMode.PERCEPTION:
-            raise ValueError(PERCEPTION_UNAVAILABLE)
+            perception = perception or PerceptionObsConfig()
+            perception.validate(required=True)
+            # torch and the perception model load only for this mode: the env itself stays torch-free
+            from sim.env_perception import PerceptionSource
+
+            return PerceptionSource(perception, pose_noise, channel, decision_s, airtime_budget_s)
     raise ValueError(f"unknown obs mode {mode!r}")

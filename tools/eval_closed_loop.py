@@ -15,14 +15,23 @@ deviation over the seeds of each name (the planner comparison, see docs/planning
 (``OUT/<scenario>_seed<seed>.gif``): controlled vehicles thick, vehicles the ego knows about
 green, the others grey dashed.
 
+``--obs perception`` runs a trained cooperative perception checkpoint on full LiDAR scans
+(``sim.env_perception``): give its run folder with ``--perception-checkpoint RUN`` (required),
+and ``--perception-lidar PRESET`` when the checkpoint's training data, whose manifests record the
+LiDAR, is not on this machine. The model's messages count in the V2X bytes. It is the slow,
+honest mode: observations come from detections and tracked velocities, not ground truth.
+
 ``--workers N`` spreads the episodes over N Ray workers (a local cluster, or ``--ray-address``
 for an existing one) in chunks of consecutive seeds; each task loads the checkpoint once. An
 episode depends only on its seed (a stochastic policy samples from a generator seeded with it),
 so ``eval.json`` is the same as the serial run's. A failed chunk is retried and reported.
 
-Example:
+Examples:
     python tools/eval_closed_loop.py --checkpoint outputs/planner/merge_s0/checkpoint.pt \\
         --scenario merge --episodes 50 --obs visible --out outputs/eval/merge_s0 --workers 4
+    python tools/eval_closed_loop.py --checkpoint outputs/planner/red_light_s0/checkpoint.pt \\
+        --episodes 10 --obs perception --perception-checkpoint outputs/gpu_compare/runs/early \\
+        --perception-lidar vlp16 --out outputs/eval/red_light_s0_early
 """
 
 from __future__ import annotations
@@ -90,6 +99,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"observation source: {', '.join(m.value for m in ObsMode)} (default: trained)",
     )
     parser.add_argument(
+        "--perception-checkpoint",
+        type=Path,
+        default=None,
+        help="with --obs perception: the perception run folder (tools/train.py) to observe with",
+    )
+    parser.add_argument(
+        "--perception-lidar",
+        default=None,
+        help="with --obs perception: LiDAR preset of the scans (default: the one recorded in the "
+        "perception run's training data)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default: next to the checkpoint)"
     )
     parser.add_argument("--seed-offset", type=int, default=0, help="first held-out seed index")
@@ -120,6 +141,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.obs is not None and args.obs not in {m.value for m in ObsMode}:
         parser.error(f"unknown --obs {args.obs!r}; valid: {', '.join(m.value for m in ObsMode)}")
     return args
+
+
+def with_perception(env: EnvConfig, args: argparse.Namespace) -> EnvConfig:
+    """``env`` with the ``--perception-*`` flags applied; ValueError when they do not fit ``--obs``."""
+    obs = args.obs or env.obs
+    flags = args.perception_checkpoint is not None or args.perception_lidar is not None
+    if obs != ObsMode.PERCEPTION.value:
+        if flags:
+            raise ValueError(
+                "--perception-checkpoint and --perception-lidar are used only with --obs perception"
+            )
+        return env
+    perception = env.perception
+    if args.perception_checkpoint is not None:
+        # absolute, so that Ray workers started elsewhere find it
+        perception = replace(perception, checkpoint=str(args.perception_checkpoint.resolve()))
+    if args.perception_lidar is not None:
+        perception = replace(perception, lidar=args.perception_lidar)
+    if not perception.checkpoint:
+        raise ValueError(
+            "--obs perception needs --perception-checkpoint RUN: a cooperative perception run folder of "
+            "tools/train.py (config.yaml and checkpoint.pt), e.g. outputs/gpu_compare/runs/early"
+        )
+    return replace(env, perception=perception)
 
 
 def write_animation(path: Path, frames: list[dict], title: str) -> Path:
@@ -195,18 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.aggregate / "summary.md", table)
         print(table)
         return 0
-    if args.obs == ObsMode.PERCEPTION.value:
-        from sim.env_obs import PERCEPTION_UNAVAILABLE
-
-        print(f"error: {PERCEPTION_UNAVAILABLE}", file=sys.stderr)
-        return 2
     try:
         _, config = load_checkpoint(args.checkpoint)
         env_overrides = [o.split(".", 1)[1] for o in args.overrides if o.startswith("env.")]
         if len(env_overrides) != len(args.overrides):
             raise ConfigError("only env.* overrides are accepted here, e.g. env.channel=ideal")
         base_env: EnvConfig = apply_overrides(config.env, env_overrides)
-        config = replace(config, env=base_env)
+        config = replace(config, env=with_perception(base_env, args))
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,9 @@ sets the training envs' time limit before each iteration, from the env steps don
 counters and random generators are restored; the envs start fresh episodes. The config must be the
 one the run started with, except ``run.*`` and ``learner.total_steps`` (to train longer).
 
+``env.obs=perception`` is refused: it is the slow evaluation mode (tools/eval_closed_loop.py);
+train with ``visible``.
+
 Example:
     python tools/train_planner.py --config configs/planner/merge.yaml --out outputs/planner/merge_s0 \\
         learner.seed=0 learner.total_steps=200000
@@ -40,6 +43,7 @@ from models.planning.experiment import (
 )
 from models.planning.mappo import MAPPOTrainer
 from models.threads import set_cpu_threads
+from sim.env_obs import ObsMode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     set_cpu_threads(max(args.threads, 1))
     try:
         config = load_config(PlannerConfig, args.config, args.overrides)
+        if config.env.obs == ObsMode.PERCEPTION.value:
+            raise ValueError(
+                "env.obs=perception is for evaluation, not training: it runs a perception model on "
+                "full LiDAR scans every decision (about 0.2 s a decision on CPU). Train with "
+                "env.obs=visible and evaluate with tools/eval_closed_loop.py --obs perception "
+                "--perception-checkpoint RUN"
+            )
         if args.out is not None:
             config = replace(config, run=replace(config.run, out_dir=str(args.out)))
         config.validate()

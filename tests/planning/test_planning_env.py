@@ -14,7 +14,6 @@ from sim.env_lanes import (
     plan_meta_trajectory,
     update_meta_state,
 )
-from sim.env_obs import PERCEPTION_UNAVAILABLE
 from sim.env_visibility import VisibilityCaster, VisibilityConfig
 from sim.world import make_world
 
@@ -77,12 +76,9 @@ def test_same_seed_same_episode():
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_perception_mode_says_why_it_is_unavailable():
-    with pytest.raises(
-        ValueError, match="not available yet: needs a trained cooperative perception checkpoint"
-    ):
+def test_invalid_configs_say_why():
+    with pytest.raises(ValueError, match=r"obs=perception needs perception\.checkpoint"):
         _env(obs="perception")
-    assert "perception issue" in PERCEPTION_UNAVAILABLE
     with pytest.raises(ValueError, match="valid scenarios"):
         _env(scenario="roundabout")
     with pytest.raises(ValueError, match="safety needs discrete actions"):

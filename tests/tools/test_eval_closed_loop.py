@@ -46,7 +46,7 @@ def test_real_run_writes_json_markdown_and_an_animation(checkpoint, tmp_path):
     assert (out / gifs[0]).stat().st_size > 10_000
 
 
-def test_oracle_observations_send_nothing_and_perception_is_refused(checkpoint, tmp_path, capsys):
+def test_oracle_observations_send_nothing_and_perception_needs_a_checkpoint(checkpoint, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import eval_closed_loop
@@ -63,7 +63,12 @@ def test_oracle_observations_send_nothing_and_perception_is_refused(checkpoint, 
     assert report["obs"] == "oracle" and report["overall"]["bytes_per_second"] == 0.0
     capsys.readouterr()
     assert eval_closed_loop.main(["--checkpoint", str(checkpoint), "--obs", "perception"]) == 2
-    assert "needs a trained cooperative perception checkpoint" in capsys.readouterr().err
+    assert "--obs perception needs --perception-checkpoint RUN" in capsys.readouterr().err
+    missing = ["--perception-checkpoint", str(tmp_path / "no_run")]
+    assert eval_closed_loop.main(["--checkpoint", str(checkpoint), "--obs", "perception", *missing]) == 2
+    assert "no checkpoint.pt and config.yaml" in capsys.readouterr().err
+    assert eval_closed_loop.main(["--checkpoint", str(checkpoint), "--obs", "visible", *missing]) == 2
+    assert "used only with --obs perception" in capsys.readouterr().err
     # a single-agent policy cannot drive the three-agent merge
     assert (
         eval_closed_loop.main(["--checkpoint", str(checkpoint), "--scenario", "merge", "env.controlled=all"])

@@ -68,7 +68,7 @@ def test_errors_are_clear(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key 'env.scenari'" in err and "'scenario'" in err
     assert train_planner.main(["--out", str(out), "env.obs=perception"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "env.obs=perception is for evaluation, not training" in capsys.readouterr().err
     assert train_planner.main(["--out", str(out), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     # a run is never continued with other settings, nor overwritten
