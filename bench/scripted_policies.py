@@ -21,6 +21,10 @@ evaluation):
   other connected vehicles see; with ``ego_only`` only what its own LiDAR sees; ``oracle`` is the
   upper bound.
 
+- **feature rule** (``feature rule <obs>``), crossings: a threshold policy on the env's conflict
+  features (``EnvConfig.conflict_features``, :mod:`sim.env_conflict`) and nothing else: FASTER
+  while going first or going after at full speed keeps a margin above the scenario's threshold
+  (``CROSSING_RULE_MARGINS_S``), else SLOWER.
 - **feature rule** (``feature rule <obs>``, overtaking): a threshold policy on the env's passing
   features (``EnvConfig.passing_features``, :mod:`sim.env_passing`) and nothing else: in its own
   lane it follows the leader, and pulls out when the leader is slow, near, and the passing margin
@@ -57,6 +61,8 @@ from tqdm import tqdm
 
 from models.planning.safety import footprint_clearance
 from sim.env import EGO_FEATURES, EVAL_SEED_OFFSET, CoopDrivingEnv, EnvConfig, RewardConfig
+from sim.env_conflict import CONFLICT_FEATURES
+from sim.env_conflict import MARGIN_NORM_S as CONFLICT_MARGIN_NORM_S
 from sim.env_lanes import MetaAction, MetaState, plan_meta_trajectory
 from sim.env_passing import GAP_NORM_M, PASSING_FEATURES
 from sim.env_passing import MARGIN_NORM_S as PASSING_MARGIN_NORM_S
@@ -385,6 +391,30 @@ def informed_overtaking(margin_m: float = 1.0, horizon_s: float = 7.0) -> Policy
     return act
 
 
+CROSSING_RULE_MARGINS_S = {"red_light": (-0.1, -0.1), "left_turn": (-0.1, 0.1)}
+"""(go first, go after) margins, s, above which :func:`feature_rule_crossing` goes: measured on
+held-out seeds. Going first with -0.1 s clears (the margins count 0.5 m of padding on each side);
+going after needs -0.1 s on red_light but +0.1 s in the left turn, where the ego's body swings wide
+of its path across the oncoming lane."""
+
+
+def feature_rule_crossing(go_first_s: float, go_after_s: float) -> Policy:
+    """A threshold policy on the conflict features alone (the env must have
+    ``conflict_features`` on; they follow the ego features): FASTER without a conflict or when
+    the go-first margin exceeds ``go_first_s`` or the go-after margin ``go_after_s``, else SLOWER."""
+    base = len(EGO_FEATURES)
+
+    def act(env, obs, t, memory):
+        f = dict(zip(CONFLICT_FEATURES, obs[base : base + len(CONFLICT_FEATURES)].tolist(), strict=True))
+        go_first = f["conflict_go_first_margin"] * CONFLICT_MARGIN_NORM_S
+        go_after = f["conflict_go_after_margin"] * CONFLICT_MARGIN_NORM_S
+        if f["conflict"] < 0.5 or go_first > go_first_s or go_after > go_after_s:
+            return int(A.FASTER)
+        return int(A.SLOWER)
+
+    return act
+
+
 def feature_rule_overtaking(
     slow_ratio: float = 0.5,
     min_margin_s: float = 0.0,
@@ -447,10 +477,16 @@ def run_policy(
     episodes: int,
     name: str,
     reward: RewardConfig | None = None,
-    passing_features: bool = False,
+    features: bool = False,
 ) -> Outcome:
+    """``features``: switch on the scenario's feature set (conflict features at crossings,
+    passing features when overtaking) for the feature rules."""
     config = EnvConfig(
-        scenario=scenario, obs=obs_mode, reward=reward or RewardConfig(), passing_features=passing_features
+        scenario=scenario,
+        obs=obs_mode,
+        reward=reward or RewardConfig(),
+        conflict_features=features and scenario in CROSSING,
+        passing_features=features and scenario in OVERTAKING,
     )
     env = CoopDrivingEnv(config, seed=0)
     totals = {"success": 0.0, "collision": 0.0, "timeout": 0.0, "return": 0.0}
@@ -482,8 +518,11 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
     out = [("stop", "oracle", stop)]
     out += [(f"blind d={d:g}s", "oracle", blind(d)) for d in delays]
     out += [(f"informed {mode}", mode, informed()) for mode in ("ego_only", "visible", "oracle")]
+    modes = ("ego_only", "visible", "oracle")
+    if scenario in CROSSING:
+        rule = feature_rule_crossing(*CROSSING_RULE_MARGINS_S[scenario])
+        out += [(f"feature rule {mode}", mode, rule) for mode in modes]
     if scenario in OVERTAKING:
-        modes = ("ego_only", "visible", "oracle")
         out += [(f"feature rule {mode}", mode, feature_rule_overtaking()) for mode in modes]
         abort = feature_rule_overtaking(abort_below_s=-1.5)
         out += [(f"feature rule + abort {mode}", mode, abort) for mode in modes]

@@ -298,8 +298,11 @@ def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| red_light | informed visible | 2 |" in result.stdout
     rows = {r["policy"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"stop", "blind d=0s", "informed ego_only", "informed visible", "informed oracle"}
+    informed = {f"informed {m}" for m in ("ego_only", "visible", "oracle")}
+    rules = {f"feature rule {m}" for m in ("ego_only", "visible", "oracle")}
+    assert set(rows) == {"stop", "blind d=0s"} | informed | rules
     assert rows["informed visible"]["success"] == 1.0
+    assert rows["feature rule visible"]["success"] == 1.0
     assert rows["stop"]["timeout"] == 1.0
     # under the default reward succeeding out-earns waiting out the clock
     assert rows["informed visible"]["mean_return"] > rows["stop"]["mean_return"] + 1.0
