@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from datasets.voxelize import VoxelGrid
 
-__all__ = ["BevGrid", "scatter_to_bev", "warp_to_ego"]
+__all__ = ["BevGrid", "ego_sampling_grid", "scatter_to_bev", "warp_to_ego"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class BevGrid:
         if nx % stride or ny % stride:
             raise ValueError(f"voxel grid {nx} x {ny} (x, y) is not divisible by the BEV stride {stride}")
         x0, y0 = grid.point_cloud_range[0], grid.point_cloud_range[1]
-        return cls(x0, y0, grid.voxel_size[0] * stride, grid.voxel_size[1] * stride, ny // stride, nx // stride)
+        return cls(
+            x0, y0, grid.voxel_size[0] * stride, grid.voxel_size[1] * stride, ny // stride, nx // stride
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,7 +80,11 @@ class BevGrid:
         """(3, 3): metric (x, y, 1) -> ``grid_sample`` coordinates (u, v, 1), align_corners=False."""
         lx, ly = self.extent
         return np.array(
-            [[2.0 / lx, 0.0, -1.0 - 2.0 * self.x_min / lx], [0.0, 2.0 / ly, -1.0 - 2.0 * self.y_min / ly], [0, 0, 1]]
+            [
+                [2.0 / lx, 0.0, -1.0 - 2.0 * self.x_min / lx],
+                [0.0, 2.0 / ly, -1.0 - 2.0 * self.y_min / ly],
+                [0, 0, 1],
+            ]
         )
 
 
@@ -94,6 +100,25 @@ def _planar(T: np.ndarray) -> np.ndarray:
     out[..., 1, 2] = T[..., 1, 3]
     out[..., 2, 2] = 1.0
     return out
+
+
+def ego_sampling_grid(
+    T_ego_from_agent: torch.Tensor, grid: BevGrid, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Where each ego cell falls in each agent's map: (N, H, W, 2) ``grid_sample`` coordinates
+    (align_corners=False; outside [-1, 1]: beyond the agent's map), from (N, 4, 4) poses of the
+    agents in the ego frame. What :func:`warp_to_ego` samples with; computed once, it serves several
+    maps of the same agents (features bilinear, masks nearest) or a subset of the ego cells.
+    """
+    n = T_ego_from_agent.shape[0]
+    h, w = grid.shape
+    T = T_ego_from_agent.detach().cpu().to(torch.float64).numpy()
+    N = grid._normalised_from_metric()
+    N_inv = np.linalg.inv(N)
+    agent_from_ego = np.linalg.inv(_planar(T))  # (N, 3, 3)
+    theta = N[None] @ agent_from_ego @ N_inv[None]  # (N, 3, 3): output (u, v) -> input (u, v)
+    theta_t = torch.from_numpy(theta[:, :2, :]).to(device=device, dtype=dtype)
+    return F.affine_grid(theta_t, [n, 1, h, w], align_corners=False)
 
 
 def warp_to_ego(
@@ -118,13 +143,7 @@ def warp_to_ego(
         raise ValueError(f"T_ego_from_agent must be ({n}, 4, 4), got {tuple(T_ego_from_agent.shape)}")
     if n == 0:
         return features, features.new_zeros((0, 1, h, w), dtype=torch.bool)
-    T = T_ego_from_agent.detach().cpu().to(torch.float64).numpy()
-    N = grid._normalised_from_metric()
-    N_inv = np.linalg.inv(N)
-    agent_from_ego = np.linalg.inv(_planar(T))  # (N, 3, 3)
-    theta = N[None] @ agent_from_ego @ N_inv[None]  # (N, 3, 3): output (u, v) -> input (u, v)
-    theta_t = torch.from_numpy(theta[:, :2, :]).to(device=features.device, dtype=features.dtype)
-    sampling = F.affine_grid(theta_t, [n, 1, h, w], align_corners=False)  # (N, H, W, 2)
+    sampling = ego_sampling_grid(T_ego_from_agent, grid, features.device, features.dtype)  # (N, H, W, 2)
     warped = F.grid_sample(features, sampling, mode=mode, padding_mode="zeros", align_corners=False)
     inside = (sampling.abs() <= 1.0).all(dim=-1)[:, None]  # (N, 1, H, W)
     return warped, inside

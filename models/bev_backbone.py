@@ -14,11 +14,13 @@ so the output is on the same BEV grid as the input. Convolutions are 3x3 with Ba
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["BevBackbone2d", "BevBackboneConfig"]
 
@@ -108,15 +110,88 @@ class BevBackbone2d(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.ups = nn.ModuleList(ups)
         self.out_channels = config.out_channels
+        # memory format of the convolutions and of the output (see fuse_for_inference)
+        self.memory_format = torch.contiguous_format
+        self.inference_only = False
 
     def forward(self, bev: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, H, W) -> (N, C_out, H, W); H and W multiples of ``min_input_multiple``."""
+        """(N, C_in, H, W) -> (N, C_out, H, W); H and W multiples of ``min_input_multiple``. The output
+        is in :attr:`memory_format` (channels-last strides on a :meth:`fuse_for_inference` copy)."""
         h, w = bev.shape[-2:]
         if h % self.config.min_input_multiple or w % self.config.min_input_multiple:
             raise ValueError(f"BEV size {h} x {w} is not a multiple of {self.config.min_input_multiple}")
-        x = bev
+        x = bev.contiguous(memory_format=self.memory_format)
         outs = []
         for block, up in zip(self.blocks, self.ups, strict=True):
             x = block(x)  # (N, C_i, H / s_i, W / s_i)
             outs.append(up(x))  # (N, C_up_i, H, W)
         return torch.cat(outs, dim=1)
+
+    def fuse_for_inference(self) -> BevBackbone2d:
+        """An eval-mode copy for inference only: every batch norm folded into the (transposed)
+        convolution before it, a 1 x 1 stride-1 transposed convolution run as the plain 1 x 1
+        convolution it equals, ReLUs in place, and everything in channels-last memory format.
+
+        The same function as this backbone in eval mode up to float32 rounding (folding scales the
+        weights, ``W * gamma / sqrt(var + eps)``, and adds ``beta - mean * gamma / sqrt(var + eps)``
+        as a bias). Channels-last lets oneDNN run the 3x3 convolutions without reordering every
+        input and output to its blocked layout: about 30 % less time on one CPU thread for the
+        (64 -> 32, 100 x 100) block. The output keeps channels-last strides (same shape and values):
+        the 1 x 1 convolutions of the heads and of the fusion read it as fast or faster, and laying
+        it out as NCHW would cost a copy (~1 ms per agent). This module is left as it is; the copy
+        refuses ``train()``.
+        """
+        fused = copy.deepcopy(self).eval()
+        fused.blocks = nn.ModuleList(_fold_sequence(block) for block in fused.blocks)
+        fused.ups = nn.ModuleList(_fold_sequence(up) for up in fused.ups)
+        fused.memory_format = torch.channels_last
+        fused.to(memory_format=torch.channels_last)
+        fused.inference_only = True
+        return fused
+
+    def train(self, mode: bool = True) -> BevBackbone2d:
+        if mode and self.inference_only:
+            raise RuntimeError("a backbone folded for inference cannot be trained; train the original")
+        return super().train(mode)
+
+
+def _fold_sequence(sequence: nn.Sequential) -> nn.Sequential:
+    """(Conv2d | ConvTranspose2d, BatchNorm2d, ReLU)* -> (conv with bias, ReLU in place)*."""
+    modules = list(sequence)
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(modules):
+        module = modules[i]
+        follows_norm = i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d)
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and follows_norm:
+            transpose = isinstance(module, nn.ConvTranspose2d)
+            folded = fuse_conv_bn_eval(module.eval(), modules[i + 1].eval(), transpose=transpose)
+            out.append(_as_pointwise_conv(folded) if transpose else folded)
+            i += 2
+        elif isinstance(module, nn.ReLU):
+            out.append(nn.ReLU(inplace=True))
+            i += 1
+        else:
+            raise ValueError(f"cannot fold a {type(module).__name__} in the 2D backbone")
+    return nn.Sequential(*out)
+
+
+def _as_pointwise_conv(module: nn.ConvTranspose2d) -> nn.Module:
+    """A 1 x 1, stride-1 transposed convolution as the ``Conv2d`` it equals (weight (C_in, C_out)
+    transposed), which oneDNN runs about twice as fast; any other transposed convolution as is."""
+    plain_1x1 = (
+        tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.padding) == (0, 0)
+        and tuple(module.output_padding) == (0, 0)
+        and tuple(module.dilation) == (1, 1)
+        and module.groups == 1
+    )
+    if not plain_1x1:
+        return module
+    conv = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(module.weight.transpose(0, 1))
+        if module.bias is not None:
+            conv.bias.copy_(module.bias)
+    return conv.eval()

@@ -28,18 +28,23 @@ come back in :attr:`PerceptionOutput.link`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from datasets.collate import CoopBatch
 from datasets.coop_dataset import Visibility
 from datasets.voxelize import VoxelGrid, Voxelizer
-from models.bev import warp_to_ego
-from models.comm import LinkStats, MessageRecord, Outgoing, V2XLink
+from models.bev import ego_sampling_grid, warp_to_ego
+from models.comm import LinkStats, MessageRecord, Outgoing, Received, V2XLink
 from models.compressor import BevCompressor, CompressorConfig, straight_through
 from models.encoder import EncoderConfig, PointCloudEncoder
 from models.fusion.attfuse import AttentionFusion
@@ -74,6 +79,7 @@ __all__ = [
     "PerceptionLoss",
     "PerceptionModelConfig",
     "PerceptionOutput",
+    "SenderClock",
 ]
 
 FUSION_METHODS = ("none", "early", "late", "attfuse", "core")
@@ -190,6 +196,32 @@ class PerceptionLoss:
         return out
 
 
+class SenderClock:
+    """Wall time the model spends, in one process, on work that runs on the *other* vehicles.
+
+    Simulating every agent in one process serialises what the vehicles do in parallel. With a
+    clock attached (``model.sender_clock = SenderClock()``), the model adds to :attr:`seconds` the
+    time of the senders' share of a frame outside their encoders: cell selection (with the
+    request warped into the sender's frame), compression of their maps, codec encoding of their
+    payloads (BEV cells, keypoints, detection sets), and for late fusion their heads and decoding.
+    Not counted (left on the ego's side): the encoders (timed on their own by the latency bench),
+    the link's wire framing and bus, and on the plain path the confidence maps, which it computes
+    for all agents in one call (the :meth:`CooperativePerception.fuse_for_inference` copy computes
+    the senders' apart and counts them). Timing costs two ``perf_counter`` calls a section.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 class CooperativePerception(nn.Module):
     """See the module docstring."""
 
@@ -227,6 +259,45 @@ class CooperativePerception(nn.Module):
             self.keypoint_decoder = KeypointBevDecoder(fusion.keypoints.out_channels, channels, self.bev_grid)
         self.voxelizer = Voxelizer(config.grid)
         self.bev_stride = config.encoder.sparse.bev_stride
+        self.inference_only = False  # True on the copies made by fuse_for_inference
+        self.sender_clock: SenderClock | None = None
+        self._scratch: torch.Tensor | None = None  # see _zero_map
+
+    # ------------------------------------------------------------------------------- inference
+
+    def fuse_for_inference(self) -> CooperativePerception:
+        """An eval-mode copy of this model for inference only (no gradients, no training).
+
+        Same outputs up to float32 rounding (``tests/perception/test_perception_inference.py``),
+        less work on CPU:
+
+        - the encoder's batch norms folded into its convolutions, the sparse 3D backbone run in
+          plain torch and the 2D one in channels-last (:meth:`PointCloudEncoder.fuse_for_inference`);
+        - intermediate fusion (attfuse, core) done only where it can change anything: at the ego
+          cells that a received map covers. Elsewhere the masked softmax over agents has the ego
+          alone and returns the ego's own features exactly, so the received maps are decompressed
+          only at the cells sent, warped (one sampling grid for all senders) only at the ego cells
+          they cover, and the confidence, scoring and weighting run on those cells alone. The ego
+          works from the decoded messages only (the sender's copy of what it sent is not used).
+
+        This model is left as it is (the copy has its own weights). ``train()`` on the copy raises.
+        """
+        fused = copy.deepcopy(self).eval()
+        fused.encoder = fused.encoder.fuse_for_inference()
+        fused.inference_only = True
+        fused.sender_clock = None
+        return fused
+
+    def train(self, mode: bool = True) -> CooperativePerception:
+        if mode and getattr(self, "inference_only", False):
+            raise RuntimeError(
+                "this copy was made by fuse_for_inference and cannot be trained; train the original"
+            )
+        return super().train(mode)
+
+    def _on_senders(self) -> contextlib.AbstractContextManager:
+        """Context of work that runs on the other vehicles (timed when a clock is attached)."""
+        return self.sender_clock.section() if self.sender_clock is not None else contextlib.nullcontext()
 
     # -------------------------------------------------------------------------------- encoding
 
@@ -281,18 +352,28 @@ class CooperativePerception(nn.Module):
         h, w = grid.shape
         T_measured = batch.T_ego_from_agent_measured.cpu().numpy()
         positions = batch.agent_position_m.cpu().numpy()
-        occupied = self.occupied_cells(batch)
-        confidence = None
-        if fusion.method == "core" or fusion.compressor.selection == "confidence":
-            confidence = self.detection.confidence(features)  # (A, H, W), each agent's own frame
-        compressed = self.compressor.compress(features) if self.compressor is not None else None  # (A, c, H, W)
+        occupied = None
+        if fusion.compressor.selection == "nonempty" and self.compressor is not None:
+            with self._on_senders():
+                occupied = self.occupied_cells(batch)  # (A, H, W), each sender's own voxels
+        need_confidence = fusion.method == "core" or fusion.compressor.selection == "confidence"
+        if self.inference_only:
+            confidence, compressed = self._per_agent_maps(batch, features, need_confidence)
+        else:
+            confidence = None
+            if need_confidence:
+                confidence = self.detection.confidence(features)  # (A, H, W), each agent's own frame
+            compressed = None
+            if self.compressor is not None:
+                with self._on_senders():
+                    compressed = self.compressor.compress(features)  # (A, c, H, W)
         fused = []
-        for s, (first, n) in enumerate(zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True)):
+        for s, (first, n) in enumerate(
+            zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True)
+        ):
             info = batch.info[s]
             where = (info.run, info.frame, info.ego_id)
             agent_positions = {info.agent_ids[k]: positions[first + k] for k in range(n)}
-            maps = [features[first]]
-            valid = [torch.ones(1, h, w, dtype=torch.bool, device=features.device)]
             requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # request map, ego header pose
             if fusion.method == "core" and n > 1:
                 request = (1.0 - confidence[first]) > fusion.core.request_threshold  # (H, W) ego frame
@@ -310,61 +391,221 @@ class CooperativePerception(nn.Module):
             for k in range(1, n):
                 a = first + k
                 agent_id = info.agent_ids[k]
-                if fusion.message == "keypoints":
-                    xyz, kp_features = self.keypoint_encoder(batch.agent_points(a))
-                    payload = KeypointFeaturesCodec().encode(
-                        KeypointFeatures(xyz.detach().cpu().numpy(), kp_features.detach().float().cpu().numpy())
+                with self._on_senders():
+                    if fusion.message == "keypoints":
+                        xyz, kp_features = self.keypoint_encoder(batch.agent_points(a))
+                        payload = KeypointFeaturesCodec().encode(
+                            KeypointFeatures(
+                                xyz.detach().cpu().numpy(), kp_features.detach().float().cpu().numpy()
+                            )
+                        )
+                        outgoing.append(Outgoing(agent_id, T_measured[a], CodecId.KEYPOINT_FEATURES, payload))
+                        sent[agent_id] = kp_features
+                        continue
+                    request_in_agent = None
+                    if fusion.compressor.selection == "request" and agent_id in requests:
+                        request_map, T_ref_from_ego = requests[agent_id]
+                        T_agent_from_ego = invert_T(T_measured[a]) @ T_ref_from_ego
+                        request_t = torch.from_numpy(request_map.astype(np.float32)).to(features.device)
+                        warped_request, _ = warp_to_ego(
+                            request_t[None, None],
+                            torch.from_numpy(T_agent_from_ego)[None],
+                            grid,
+                            mode="nearest",
+                        )
+                        request_in_agent = warped_request[0, 0]
+                    score = self.selection_score(
+                        occupied[a] if occupied is not None else None,
+                        compressed[a],
+                        confidence[a] if confidence is not None else None,
+                        request_in_agent,
                     )
-                    outgoing.append(Outgoing(agent_id, T_measured[a], CodecId.KEYPOINT_FEATURES, payload))
-                    sent[agent_id] = kp_features
-                    continue
-                request_in_agent = None
-                if fusion.compressor.selection == "request" and agent_id in requests:
-                    request_map, T_ref_from_ego = requests[agent_id]
-                    T_agent_from_ego = invert_T(T_measured[a]) @ T_ref_from_ego
-                    request_t = torch.from_numpy(request_map.astype(np.float32)).to(features.device)
-                    warped_request, _ = warp_to_ego(
-                        request_t[None, None], torch.from_numpy(T_agent_from_ego)[None], grid, mode="nearest"
+                    mask = self.compressor.select(score)  # (H, W)
+                    outgoing.append(
+                        Outgoing(
+                            agent_id,
+                            T_measured[a],
+                            CodecId.SPARSE_BEV,
+                            self.compressor.encode(compressed[a], mask),
+                        )
                     )
-                    request_in_agent = warped_request[0, 0]
-                score = self.selection_score(
-                    occupied[a], compressed[a], confidence[a] if confidence is not None else None, request_in_agent
-                )
-                mask = self.compressor.select(score)  # (H, W)
-                outgoing.append(
-                    Outgoing(agent_id, T_measured[a], CodecId.SPARSE_BEV, self.compressor.encode(compressed[a], mask))
-                )
-                sent[agent_id] = (compressed[a] * mask, mask)
-            for message in link.exchange(outgoing, info.ego_id, agent_positions, where, phase=1, records=records[s]):
+                    sent[agent_id] = (compressed[a] * mask, mask)
+            received = link.exchange(
+                outgoing, info.ego_id, agent_positions, where, phase=1, records=records[s]
+            )
+            if self.inference_only:
+                fused.append(self._fuse_received_cells(features[first], received))
+                continue
+            maps = [features[first]]
+            valid = [torch.ones(1, h, w, dtype=torch.bool, device=features.device)]
+            for message in received:
                 T_ego_from_sender = torch.from_numpy(message.T_ref_from_sender)[None]
                 if fusion.message == "keypoints":
-                    kp = message.content
-                    xyz_ego = transform_points(message.T_ref_from_sender, kp.xyz)
-                    xyz_t = torch.from_numpy(np.ascontiguousarray(xyz_ego, dtype=np.float32)).to(features.device)
-                    kp_t = straight_through(sent[message.sender_id], kp.features)
-                    feature_map, cover = self.keypoint_decoder(xyz_t, kp_t)
+                    feature_map, cover = self._keypoint_map(message, sent[message.sender_id], features.device)
                     maps.append(feature_map)
                     valid.append(cover)
                     continue
                 sent_values, mask = sent[message.sender_id]
-                received = straight_through(sent_values, message.content.to_dense())  # (c, H, W)
-                restored = self.compressor.decompress(received[None]) * mask[None, None]  # (1, C, H, W)
+                received_values = straight_through(sent_values, message.content.to_dense())  # (c, H, W)
+                restored = (
+                    self.compressor.decompress(received_values[None]) * mask[None, None]
+                )  # (1, C, H, W)
                 warped, _ = warp_to_ego(restored, T_ego_from_sender, grid)
-                cover, _ = warp_to_ego(mask[None, None].to(features.dtype), T_ego_from_sender, grid, mode="nearest")
+                cover, _ = warp_to_ego(
+                    mask[None, None].to(features.dtype), T_ego_from_sender, grid, mode="nearest"
+                )
                 maps.append(warped[0])
                 valid.append(cover[0] > 0.5)
             stacked = torch.stack(maps)  # (n_received + 1, C, H, W)
             stacked_valid = torch.stack(valid)  # (n_received + 1, 1, H, W)
-            if fusion.method == "attfuse":
-                fused.append(self.attention(stacked, stacked_valid))
-            else:
-                conf = self.detection.confidence(stacked)[:, None]  # (n, 1, H, W)
-                fused.append(self.aggregation(stacked, conf, stacked_valid))
+            fused.append(self._aggregate(stacked, stacked_valid))
+        if self.inference_only and len(fused) == 1:
+            return fused[0][None]  # no copy for a batch of one
         return torch.stack(fused)
+
+    def _per_agent_maps(
+        self, batch: CoopBatch, features: torch.Tensor, need_confidence: bool
+    ) -> tuple[list[torch.Tensor | None] | None, list[torch.Tensor | None] | None]:
+        """Inference path: each agent's (H, W) confidence and (c, H, W) compressed map, indexed by
+        flat agent, computed per role: the ego's confidence (its request, core only) on the ego's
+        side, the senders' confidence and compression on theirs (:meth:`_on_senders`); the ego's
+        compressed map, which nobody sends, is not computed. Rows are views of per-sample batches.
+        """
+        method = self.config.fusion.method
+        confidence: list[torch.Tensor | None] | None = [None] * batch.num_agents if need_confidence else None
+        compressed: list[torch.Tensor | None] | None = (
+            [None] * batch.num_agents if self.compressor is not None else None
+        )
+        for first, n in zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True):
+            if confidence is not None and method == "core":
+                confidence[first] = self.detection.confidence(features[first : first + 1])[0]
+            if n == 1:
+                continue
+            senders = features[first + 1 : first + n]  # a sample's agents are consecutive, ego first
+            with self._on_senders():
+                if confidence is not None:
+                    confidence[first + 1 : first + n] = list(self.detection.confidence(senders))
+                if compressed is not None:
+                    compressed[first + 1 : first + n] = list(self.compressor.compress(senders))
+        return confidence, compressed
+
+    def _aggregate(self, stacked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) maps in the ego frame (the ego's first) + (n, 1, H, W) validity -> (C, H, W)
+        fused by attention (attfuse) or attentive aggregation on the maps' confidence (core). Every
+        step is per cell, so H x W may be any set of cells laid out as a map (the inference path
+        passes (1, cells))."""
+        if self.config.fusion.method == "attfuse":
+            return self.attention(stacked, valid)
+        conf = self.detection.confidence(stacked)[:, None]  # (n, 1, H, W)
+        return self.aggregation(stacked, conf, valid)
+
+    def _keypoint_map(
+        self, message: Received, sent_features: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A keypoint message as a (C, H, W) map in the ego frame and its (1, H, W) bool cover.
+        ``sent_features``: the sender's (K, C_kp) keypoint features, for the gradient (straight
+        through the codec); None at inference, where the decoded ones are used as they are."""
+        kp = message.content
+        xyz_ego = transform_points(message.T_ref_from_sender, kp.xyz)
+        xyz_t = torch.from_numpy(np.ascontiguousarray(xyz_ego, dtype=np.float32)).to(device)
+        if sent_features is None:
+            kp_t = torch.from_numpy(np.asarray(kp.features, dtype=np.float32)).to(device)
+        else:
+            kp_t = straight_through(sent_features, kp.features)
+        return self.keypoint_decoder(xyz_t, kp_t)
+
+    def _zero_map(self, channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(C, H*W) zeros kept between calls, for maps that are zero but at a few cells: the caller
+        sets its cells and zeroes them again, which costs O(cells) instead of a fresh H x W fill."""
+        h, w = self.bev_grid.shape
+        scratch = self._scratch
+        if (
+            scratch is None
+            or scratch.shape != (channels, h * w)
+            or scratch.device != device
+            or scratch.dtype != dtype
+        ):
+            scratch = self._scratch = torch.zeros(channels, h * w, device=device, dtype=dtype)
+        return scratch
+
+    def _fuse_received_cells(self, ego_map: torch.Tensor, received: list[Received]) -> torch.Tensor:
+        """Inference path of one sample's fusion: (C, H, W) ego features + decoded messages ->
+        (C, H, W) fused map, equal to the dense path's up to float32 rounding.
+
+        Only ego cells covered by some received map can differ from the ego's own features (the
+        masked softmax over agents has the ego alone elsewhere, weight exactly 1), so only those
+        cells are computed: a BEV message is decompressed at the k cells it carries, its cover is
+        the nearest-neighbour warp of those cells (one sampling grid per sender, all senders in
+        one ``grid_sample``), and its features are sampled bilinearly only at the ego cells it
+        covers; then the per-cell fusion (:meth:`_aggregate`) runs on the union U of covered cells
+        laid out as a (1, |U|) map.
+        """
+        c = ego_map.shape[0]
+        h, w = self.bev_grid.shape
+        device, dtype = ego_map.device, ego_map.dtype
+        if not received:
+            return ego_map
+        covers: list[torch.Tensor] = []  # per sender, (H*W,) bool cover in the ego frame
+        values: list[torch.Tensor] = []  # per sender, (C, n_i) features at its covered cells
+        if self.config.fusion.message == "keypoints":
+            for message in received:
+                feature_map, cover = self._keypoint_map(message, None, device)
+                covers.append(cover.reshape(-1))
+                values.append(feature_map.reshape(c, -1)[:, covers[-1]])
+        else:
+            T = torch.from_numpy(np.stack([m.T_ref_from_sender for m in received]))  # (r, 4, 4)
+            sampling = ego_sampling_grid(T, self.bev_grid, device, dtype)  # (r, H, W, 2)
+            sent_cells = [torch.from_numpy(m.content.indices).to(device) for m in received]
+            masks = torch.zeros(len(received), 1, h * w, dtype=dtype, device=device)
+            for i, cells in enumerate(sent_cells):
+                masks[i, 0, cells] = 1.0
+            cover_all = F.grid_sample(
+                masks.view(-1, 1, h, w), sampling, mode="nearest", padding_mode="zeros", align_corners=False
+            )
+            cover_all = cover_all.reshape(len(received), -1) > 0.5  # (r, H*W)
+            for i, message in enumerate(received):
+                covered = cover_all[i].nonzero().squeeze(1)
+                cells_values = torch.from_numpy(message.content.features).to(
+                    device=device, dtype=dtype
+                )  # (k, c)
+                restored_cells = self.compressor.decompress(cells_values.T[None, :, None, :])  # (1, C, 1, k)
+                restored = self._zero_map(c, device, dtype)  # (C, H*W), zero outside the cells set here
+                restored[:, sent_cells[i]] = restored_cells[0, :, 0]
+                where = sampling[i].reshape(-1, 2)[covered][None, None]  # (1, 1, n_i, 2)
+                try:
+                    sampled = F.grid_sample(
+                        restored.view(1, c, h, w),
+                        where,
+                        mode="bilinear",
+                        padding_mode="zeros",
+                        align_corners=False,
+                    )
+                finally:
+                    restored[:, sent_cells[i]] = 0.0  # back to all zeros for the next sender
+                covers.append(cover_all[i])
+                values.append(sampled[0, :, 0])  # (C, n_i)
+        cover_stack = torch.stack(covers)  # (r, H*W)
+        union = cover_stack.any(dim=0).nonzero().squeeze(1)  # (U,) flat ego cells
+        flat = ego_map.reshape(c, -1)
+        if union.numel() == 0:
+            return ego_map
+        n = len(received) + 1
+        stacked = torch.zeros(n, c, union.numel(), dtype=dtype, device=device)
+        stacked[0] = flat[:, union]
+        valid = torch.zeros(n, union.numel(), dtype=torch.bool, device=device)
+        valid[0] = True
+        for i, (cover, cell_values) in enumerate(zip(covers, values, strict=True)):
+            at = cover[union]  # which union cells sender i covers (its covered cells, in order)
+            stacked[i + 1][:, at] = cell_values
+            valid[i + 1] = at
+        out = self._aggregate(stacked[:, :, None, :], valid[:, None, None, :])  # (C, 1, U)
+        result = flat.clone()
+        result[:, union] = out[:, 0]
+        return result.view(c, h, w)
 
     def selection_score(
         self,
-        occupied: torch.Tensor,
+        occupied: torch.Tensor | None,
         compressed: torch.Tensor,
         confidence: torch.Tensor | None,
         request: torch.Tensor | None,
@@ -372,7 +613,7 @@ class CooperativePerception(nn.Module):
         """(H, W) score of a sender's cells for :meth:`BevCompressor.select` (own frame; 0: never sent).
 
         Args:
-            occupied: (H, W) bool cells holding a voxel of the sender.
+            occupied: (H, W) bool cells holding a voxel of the sender (``nonempty`` selection).
             compressed: (c, H, W) its compressed features.
             confidence: (H, W) its detection confidence (``confidence`` and ``request`` selection).
             request: (H, W) the ego's request warped into its frame, or None when none was heard.
@@ -429,10 +670,14 @@ class CooperativePerception(nn.Module):
             case "late":
                 fused = self.encode_agents(batch, ego)
             case "early":
-                fused = self.encode_clouds(share_points(batch, link, stats.records))
+                fused = self.encode_clouds(
+                    share_points(batch, link, stats.records, on_senders=self._on_senders)
+                )
             case "attfuse" | "core":
                 all_agents = torch.arange(batch.num_agents, device=ego.device)
-                fused = self._fuse_intermediate(batch, self.encode_agents(batch, all_agents), link, stats.records)
+                fused = self._fuse_intermediate(
+                    batch, self.encode_agents(batch, all_agents), link, stats.records
+                )
             case _:
                 raise ValueError(f"unknown fusion method {method!r}")
 
@@ -465,26 +710,41 @@ class CooperativePerception(nn.Module):
         return self.reconstruction.occupancy_targets(torch.cat(coords), len(clouds))
 
     def _late_merge(
-        self, batch: CoopBatch, ego_detections: list[Detections], link: V2XLink, records: list[list[MessageRecord]]
+        self,
+        batch: CoopBatch,
+        ego_detections: list[Detections],
+        link: V2XLink,
+        records: list[list[MessageRecord]],
     ) -> list[Detections]:
         """Late fusion at decoding: the others detect on their own data, send, the ego merges."""
         others = torch.tensor(
-            [a for a in range(batch.num_agents) if a not in set(batch.ego_agent_index.tolist())], dtype=torch.long
+            [a for a in range(batch.num_agents) if a not in set(batch.ego_agent_index.tolist())],
+            dtype=torch.long,
         )
         own: dict[int, Detections] = {}
         if len(others):
-            decoded = self.detection.decode(self.detection(self.encode_agents(batch, others.to(batch.points.device))))
+            others_features = self.encode_agents(batch, others.to(batch.points.device))
+            with self._on_senders():
+                decoded = self.detection.decode(self.detection(others_features))
             own = dict(zip(others.tolist(), decoded, strict=True))
         T_measured = batch.T_ego_from_agent_measured.cpu().numpy()
         positions = batch.agent_position_m.cpu().numpy()
         codec = DetectionsCodec()
         out = []
-        for s, (first, n) in enumerate(zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True)):
+        for s, (first, n) in enumerate(
+            zip(batch.ego_agent_index.tolist(), batch.agents_per_sample.tolist(), strict=True)
+        ):
             info = batch.info[s]
-            outgoing = [
-                Outgoing(info.agent_ids[k], T_measured[first + k], CodecId.DETECTIONS, codec.encode(detection_set(own[first + k])))
-                for k in range(1, n)
-            ]
+            with self._on_senders():
+                outgoing = [
+                    Outgoing(
+                        info.agent_ids[k],
+                        T_measured[first + k],
+                        CodecId.DETECTIONS,
+                        codec.encode(detection_set(own[first + k])),
+                    )
+                    for k in range(1, n)
+                ]
             where = (info.run, info.frame, info.ego_id)
             agent_positions = {info.agent_ids[k]: positions[first + k] for k in range(n)}
             received = link.exchange(outgoing, info.ego_id, agent_positions, where, records=records[s])
@@ -501,7 +761,9 @@ class CooperativePerception(nn.Module):
 
     # ------------------------------------------------------------------------------------ loss
 
-    def segmentation_targets(self, batch: CoopBatch, clouds: list[torch.Tensor], semantic: list[torch.Tensor]) -> torch.Tensor:
+    def segmentation_targets(
+        self, batch: CoopBatch, clouds: list[torch.Tensor], semantic: list[torch.Tensor]
+    ) -> torch.Tensor:
         """(B, H, W) int64 BEV labels of each sample (see :mod:`models.heads.segmentation`)."""
         out = []
         for s in range(batch.batch_size):
@@ -546,4 +808,3 @@ class CooperativePerception(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

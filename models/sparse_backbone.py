@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from datasets.voxelize import VoxelGrid
+from models.sparse_inference import SparseBackbone3dInference
 from models.spconv_cpu import enable_cpu_backward
 
 enable_cpu_backward()
@@ -124,7 +125,9 @@ class SparseBackbone3d(nn.Module):
         shapes = self.stage_shapes(config, grid)
         d_out = shapes[-1][0]
         if d_out < 1:
-            raise ValueError(f"the voxel grid {grid.spatial_shape_zyx} is too thin in z for this backbone: {shapes}")
+            raise ValueError(
+                f"the voxel grid {grid.spatial_shape_zyx} is too thin in z for this backbone: {shapes}"
+            )
         c = config.channels
         self.input_conv = spconv.SparseSequential(
             spconv.SubMConv3d(config.in_channels, c[0], 3, padding=1, bias=False, indice_key="subm0"),
@@ -136,7 +139,13 @@ class SparseBackbone3d(nn.Module):
             if i > 0:
                 layers += [
                     spconv.SparseConv3d(
-                        c[i - 1], channels, 3, stride=tuple(stride), padding=1, bias=False, indice_key=f"down{i}"
+                        c[i - 1],
+                        channels,
+                        3,
+                        stride=tuple(stride),
+                        padding=1,
+                        bias=False,
+                        indice_key=f"down{i}",
                     ),
                     *_norm_act(channels),
                 ]
@@ -163,19 +172,31 @@ class SparseBackbone3d(nn.Module):
         self.bev_channels = config.out_channels * d_out
         self.bev_shape = (shapes[-1][1], shapes[-1][2])
 
+    def fuse_for_inference(self) -> SparseBackbone3dInference:
+        """An inference-only copy with batch norm folded into the convolutions, run as plain torch
+        ops on spconv's rulebooks (:class:`models.sparse_inference.SparseBackbone3dInference`):
+        same outputs as this backbone in eval mode up to float32 rounding, about 20 % less time
+        on one CPU thread (written for CPU; on CUDA spconv's own kernels are the fast path). This
+        module is left as it is (its parameters are copied, not shared)."""
+        return SparseBackbone3dInference(self).eval()
+
     @staticmethod
     def stage_shapes(config: SparseBackboneConfig, grid: VoxelGrid) -> list[tuple[int, int, int]]:
         """``[D, H, W]`` after each stage, then after the output convolution."""
         shape = grid.spatial_shape_zyx
         out = []
         for stride in config.strides_zyx:
-            shape = tuple(conv_output_size(n, 3, s, 1) if s > 1 else n for n, s in zip(shape, stride, strict=True))
+            shape = tuple(
+                conv_output_size(n, 3, s, 1) if s > 1 else n for n, s in zip(shape, stride, strict=True)
+            )
             out.append(shape)
         d, h, w = shape
         out.append((conv_output_size(d, config.out_kernel_z, config.out_stride_z, 0), h, w))
         return out  # type: ignore[return-value]
 
-    def forward(self, voxel_features: torch.Tensor, coords_bzyx: torch.Tensor, num_clouds: int) -> torch.Tensor:
+    def forward(
+        self, voxel_features: torch.Tensor, coords_bzyx: torch.Tensor, num_clouds: int
+    ) -> torch.Tensor:
         """Run the backbone.
 
         Args:
@@ -189,7 +210,10 @@ class SparseBackbone3d(nn.Module):
         if voxel_features.shape[0] == 0:  # spconv cannot run on an empty tensor
             return voxel_features.new_zeros((num_clouds, self.bev_channels, *self.bev_shape))
         x = spconv.SparseConvTensor(
-            voxel_features, coords_bzyx.to(torch.int32).contiguous(), list(self.grid.spatial_shape_zyx), num_clouds
+            voxel_features,
+            coords_bzyx.to(torch.int32).contiguous(),
+            list(self.grid.spatial_shape_zyx),
+            num_clouds,
         )
         x = self.input_conv(x)  # [D, H, W] = grid
         for stage in self.stages:

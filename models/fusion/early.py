@@ -8,6 +8,9 @@ what the model sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import numpy as np
 import torch
 
@@ -21,7 +24,11 @@ __all__ = ["share_points"]
 
 
 def share_points(
-    batch: CoopBatch, link: V2XLink, records: list[list[MessageRecord]], codec: RawPointsCodec | None = None
+    batch: CoopBatch,
+    link: V2XLink,
+    records: list[list[MessageRecord]],
+    codec: RawPointsCodec | None = None,
+    on_senders: Callable[[], AbstractContextManager] | None = None,
 ) -> list[torch.Tensor]:
     """Merged cloud of every sample in its ego frame.
 
@@ -30,6 +37,8 @@ def share_points(
         link: the V2X link.
         records: one list per sample; each message sent is appended to its sample's list.
         codec: point codec (default :class:`RawPointsCodec` defaults).
+        on_senders: context around the senders' own work (their codec encoding), so that a
+            latency measurement can tell it from the ego's (:class:`models.perception.SenderClock`).
 
     Returns:
         B tensors (N_b, 4) float32 on the batch's device: ego points, then the received ones.
@@ -45,9 +54,12 @@ def share_points(
         info = batch.info[s]
         clouds = [batch.agent_points(first)]
         outgoing = []
-        for k in range(1, n):
-            pts = batch.agent_points(first + k).detach().cpu().numpy()
-            outgoing.append(Outgoing(info.agent_ids[k], T_measured[first + k], CodecId.RAW_POINTS, codec.encode(pts)))
+        with on_senders() if on_senders is not None else nullcontext():
+            for k in range(1, n):
+                pts = batch.agent_points(first + k).detach().cpu().numpy()
+                outgoing.append(
+                    Outgoing(info.agent_ids[k], T_measured[first + k], CodecId.RAW_POINTS, codec.encode(pts))
+                )
         where = (info.run, info.frame, info.ego_id)
         agent_positions = {info.agent_ids[k]: positions[first + k] for k in range(n)}
         for message in link.exchange(outgoing, info.ego_id, agent_positions, where, records=records[s]):
