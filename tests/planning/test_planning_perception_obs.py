@@ -4,7 +4,6 @@ messages, the detection tracker's velocities, clear errors, and one real closed-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -35,13 +34,6 @@ def _tool_fixtures():
     return dataset_fixtures, planner_fixtures
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def perception_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-step tiny AttFuse run trained on two generated frames (tiny LiDAR, recorded in the
@@ -53,7 +45,7 @@ def perception_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     args = ["--config", str(TINY), f"data.root={root}", "train.max_steps=1"]
     args += ["model.detection.score_threshold=0.0", "--out", str(root / "runs")]
-    assert _load_tool("train").main(args) == 0
+    assert _tool_fixtures()[0].load_tool("train").main(args) == 0
     torch.set_num_threads(threads)
     return root / "runs" / "tiny"
 

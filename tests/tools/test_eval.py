@@ -3,7 +3,6 @@ bytes, latency; JSON and markdown), evaluation overrides and errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,17 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dataset_fixtures import generate_tiny
+from dataset_fixtures import generate_tiny, load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "perception" / "tiny.yaml"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ skipping and resuming on a second invocation, job bookkeeping, configuration err
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,20 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dataset_fixtures import load_tool
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "pipeline.py"
 SMOKE = ROOT / "configs" / "pipeline" / "smoke.yaml"
 DEMO = ROOT / "configs" / "pipeline" / "demo.yaml"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 pipeline = load_tool("pipeline")

@@ -3,27 +3,19 @@ resume, determinism, configuration errors)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from dataset_fixtures import generate_tiny
+from dataset_fixtures import generate_tiny, load_tool
 
 from models.experiment import load_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "train.py"
 CONFIG = ROOT / "configs" / "perception" / "tiny.yaml"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ and a batch that does not split over the processes is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from dataset_fixtures import generate_tiny
+from dataset_fixtures import generate_tiny, load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "train.py"
@@ -21,13 +20,6 @@ CONFIG = ROOT / "configs" / "perception" / "tiny.yaml"
 # backward pass sums in another order (last-bit differences), and Adam's first steps turn a
 # last-bit difference in a gradient near zero into a step difference of a fraction of lr.
 TOLERANCE = 5e-5
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
