@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -65,6 +66,7 @@ __all__ = [
     "PoseNoiseConfig",
     "SampleKey",
     "Visibility",
+    "partners_in_range",
 ]
 
 DEFAULT_CLASSES: dict[str, tuple[str, ...]] = {"car": ("car", "van"), "truck": ("truck", "bus")}
@@ -177,6 +179,21 @@ class CoopDatasetConfig:
             if kind in kinds:
                 return index
         return -1
+
+
+def partners_in_range(
+    ego_xyz: np.ndarray, others: Mapping[int, np.ndarray], comm_range_m: float, max_agents: int
+) -> list[int]:
+    """The connected vehicles an ego fuses with: the ids of ``others`` (id -> (3,) sensor position,
+    the ego's own excluded) within ``comm_range_m`` of the ego's sensor at ``ego_xyz``, nearest
+    first (ties by id), at most ``max_agents - 1``."""
+    candidates = []
+    for other, xyz in others.items():
+        distance = float(np.linalg.norm(np.asarray(xyz) - ego_xyz))
+        if distance <= comm_range_m:
+            candidates.append((distance, other))
+    candidates.sort()
+    return [other for _, other in candidates[: max_agents - 1]]
 
 
 @dataclass(frozen=True)
@@ -380,20 +397,14 @@ class CoopDataset(torch.utils.data.Dataset):
         T_sensor_from_world_ego = invert_T(ego.T_world_from_sensor)
 
         # connected agents: within range at this frame, nearest first (ties by id)
-        candidates = []
-        for cav in self._cavs[run]:
-            if cav == ego_id:
-                continue
-            other_now = self._read(run, cav, frame)
-            distance = float(np.linalg.norm(other_now.T_world_from_sensor[:3, 3] - ego.T_world_from_sensor[:3, 3]))
-            if distance <= cfg.comm_range_m:
-                candidates.append((distance, cav))
-        candidates.sort()
-        chosen = candidates[: cfg.max_agents - 1]
+        others = {
+            cav: self._read(run, cav, frame).T_world_from_sensor[:3, 3] for cav in self._cavs[run] if cav != ego_id
+        }
+        chosen = partners_in_range(ego.T_world_from_sensor[:3, 3], others, cfg.comm_range_m, cfg.max_agents)
 
         data_frame = max(self._first_frame[run], frame - cfg.delay_frames)
-        frames = [ego] + [self._read(run, cav, data_frame) for _, cav in chosen]
-        agent_ids = np.array([ego_id] + [cav for _, cav in chosen], dtype=np.int64)
+        frames = [ego] + [self._read(run, cav, data_frame) for cav in chosen]
+        agent_ids = np.array([ego_id, *chosen], dtype=np.int64)
 
         T_true = np.stack([T_sensor_from_world_ego @ f.T_world_from_sensor for f in frames])  # (A, 4, 4)
         positions = T_true[:, :3, 3].copy()

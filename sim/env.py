@@ -641,18 +641,12 @@ class CoopDrivingEnv(ParallelEnv):
                 break
         self.frame = frame
         self._decision += 1
-        if r.conflict != 0.0:
+        if r.conflict != 0.0 or r.head_on != 0.0:
+            decision_s = self.dt * self.config.decision_ticks
             for a in acting:
                 tr = self._tracks[a]
                 if tr.live:
-                    deficit = self._conflict_deficit(tr, frame)
-                    rewards[a] += r.conflict * deficit * self.dt * self.config.decision_ticks
-        if r.head_on != 0.0:
-            for a in acting:
-                tr = self._tracks[a]
-                if tr.live:
-                    deficit = self._head_on_deficit(tr, frame)
-                    rewards[a] += r.head_on * deficit * self.dt * self.config.decision_ticks
+                    rewards[a] += self._surrogate_safety_cost(tr, frame) * decision_s
 
         # 3. communicate and observe
         self._communicate(frame, intents)
@@ -1052,13 +1046,24 @@ class CoopDrivingEnv(ParallelEnv):
         out = np.concatenate([ego_feat, objects.reshape(-1)])
         return np.clip(out, -_OBS_CLIP, _OBS_CLIP).astype(np.float32)
 
-    def _conflict_deficit(self, tr: _Track, frame: SceneFrame) -> float:
-        """Seconds (0 to 1) by which the better way through the first conflict on the agent's path
-        (ground truth; going first or after at full speed) falls short of
-        ``-reward.conflict_tolerance_s``; 0 without a conflict."""
+    def _surrogate_safety_cost(self, tr: _Track, frame: SceneFrame) -> float:
+        """Per second: ``reward.conflict`` times the collision-course deficit plus
+        ``reward.head_on`` times the head-on deficit, both from every other vehicle's ground truth."""
+        r = self.config.reward
         me = frame.agent(tr.vid)
         others = np.flatnonzero(frame.agent_ids != tr.vid)
         boxes, velocities, _ = self._known_objects(tr, frame, others, use_estimates=False)
+        cost = 0.0
+        if r.conflict != 0.0:
+            cost += r.conflict * self._conflict_deficit(tr, me, boxes, velocities)
+        if r.head_on != 0.0:
+            cost += r.head_on * self._head_on_deficit(tr, me, boxes, velocities)
+        return cost
+
+    def _conflict_deficit(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> float:
+        """Seconds (0 to 1) by which the better way through the first conflict on the agent's path
+        with the vehicles ``boxes`` / ``velocities`` (going first or after at full speed) falls short
+        of ``-reward.conflict_tolerance_s``; 0 without a conflict."""
         features = self._conflict_features(tr, me, boxes, velocities)
         if features[0] == 0:
             return 0.0
@@ -1138,15 +1143,12 @@ class CoopDrivingEnv(ParallelEnv):
         """(len(PASSING_FEATURES),) the agent's passing situation with the known vehicles."""
         return passing_features(self._passing(tr, me, boxes, velocities), me.speed, tr.meta.max_speed)
 
-    def _head_on_deficit(self, tr: _Track, frame: SceneFrame) -> float:
-        """Seconds (0 to 1) by which the passing margin (ground truth) falls short of
-        ``-reward.head_on_tolerance_s`` while the agent is set on the lane to its left (its
-        target offset beyond half a lane); 0 in its own lane (not pulling out is always open)."""
+    def _head_on_deficit(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> float:
+        """Seconds (0 to 1) by which the passing margin with the vehicles ``boxes`` / ``velocities``
+        falls short of ``-reward.head_on_tolerance_s`` while the agent is set on the lane to its left
+        (its target offset beyond half a lane); 0 in its own lane (not pulling out is always open)."""
         if tr.meta.target_offset < self.config.meta.lane_width / 2:
             return 0.0
-        me = frame.agent(tr.vid)
-        others = np.flatnonzero(frame.agent_ids != tr.vid)
-        boxes, velocities, _ = self._known_objects(tr, frame, others, use_estimates=False)
         margin_s = self._passing(tr, me, boxes, velocities).margin_s
         return float(np.clip(-(margin_s + self.config.reward.head_on_tolerance_s), 0.0, 1.0))
 

@@ -343,10 +343,8 @@ class VisibleSource:
             return np.zeros(0, dtype=np.int64)
         boxes_world = transform_boxes(_pose_of(message), detections.boxes.astype(np.float64))
         gate = self.match_gate_m + 30.0 * max(now_s - message.timestamp_s, 0.0)
-        d = np.linalg.norm(boxes_world[:, None, :2] - centres[None, :, :], axis=-1)  # (D, M)
-        nearest = np.argmin(d, axis=1)
-        ok = d[np.arange(len(d)), nearest] <= gate
-        return nearest[ok]
+        nearest = nearest_within(boxes_world[:, :2], centres, gate)
+        return nearest[nearest >= 0]
 
 
 def _pose_of(message: Message) -> np.ndarray:

@@ -5,9 +5,9 @@ Every decision, for each agent (the observer, as the ego of one sample):
 1. **Scans.** The agent and the connected vehicles whose sensors are within the checkpoint's
    communication range of its own (nearest first, at most the checkpoint's ``max_agents`` with
    the agent; none for a ``none``-fusion checkpoint, which reads only the ego's scan) cast a full
-   sweep of the checkpoint's LiDAR (:func:`sim.lidar.cast_lidar`, the pose, the generator seeding
-   and the ray pattern of the World's own sensor, so the scans are those ``tools/generate.py``
-   writes for training). Each vehicle is cast once per decision, however many samples use it.
+   sweep of the checkpoint's LiDAR (:meth:`sim.world.EmbeddedWorld.scan_agent`: the mount, the
+   generator seeding and the ground classes of the World's own scans, so the scans are those
+   ``tools/generate.py`` writes for training). Each vehicle is cast once per decision, however many samples use it.
 2. **Sample.** A :class:`datasets.coop_dataset.CoopSample` as the dataset builds one: points in
    each vehicle's sensor frame, ``T_ego_from_agent`` true and measured (the env's pose noise on
    every sensor pose, the agent's included), sensor positions for the channel, no ground truth.
@@ -40,15 +40,15 @@ import numpy as np
 import torch
 
 from datasets.collate import CoopCollate
-from datasets.coop_dataset import CoopSample
+from datasets.coop_dataset import CoopSample, partners_in_range
 from datasets.native import find_runs, read_manifest
 from models.comm import V2XLink
 from models.config import ConfigError
 from models.experiment import ExperimentConfig, load_experiment, resolve_device
 from models.perception import CooperativePerception
 from sim.env_obs import LinkTraffic, ObjectEstimates, ObsMode, PerceptionObsConfig, nearest_within
-from sim.geometry import T_from_xyz_yaw, invert_T, transform_boxes
-from sim.lidar import cast_lidar, lidar_preset
+from sim.geometry import invert_T, transform_boxes
+from sim.lidar import T_agent_from_lidar, lidar_preset
 from sim.types import AgentState, LidarConfig, SceneFrame, Semantic
 from v2x.bus import Delivery
 from v2x.pose_noise import PoseNoise
@@ -247,7 +247,7 @@ class PerceptionSource:
         self.comm_range_m = float(self.experiment.data.comm_range_m)
         self.max_agents = int(self.experiment.data.max_agents)
         self.cooperative = self.experiment.model.fusion.method != "none"
-        self._static = None
+        self._world = None
         self._seed = 0
         self._decision = 0
         self._trackers: dict[int, DetectionTracker] = {}
@@ -257,7 +257,7 @@ class PerceptionSource:
     # ------------------------------------------------------------------------------ protocol
 
     def reset(self, world, seed: int) -> None:
-        self._static = world.static_geometry()
+        self._world = world
         self._seed = int(seed)
         self._decision = 0
         self.link = V2XLink(dataclasses.replace(self._link_config, seed=self._seed))
@@ -268,7 +268,7 @@ class PerceptionSource:
     def sense(self, frame: SceneFrame, observer_ids: Sequence[int]) -> list[tuple[int, bytes]]:
         """Run the model for every observer; its messages went through the model's own link, so
         nothing is returned for the env's bus."""
-        assert self._static is not None, "reset() first"
+        assert self._world is not None, "reset() first"
         index_of = {a.id: k for k, a in enumerate(frame.agents)}
         observers = [int(o) for o in observer_ids if o in index_of]
         decision = self._decision
@@ -286,8 +286,8 @@ class PerceptionSource:
 
         def scan(vid: int) -> tuple[np.ndarray, np.ndarray]:
             if vid not in scans:
-                rng = np.random.default_rng([self._seed, frame.frame, vid])
-                hits = cast_lidar(self.lidar, poses[vid], self._static, boxes_world, ids, semantic, vid, rng)
+                agent = frame.agents[index_of[vid]]
+                hits = self._world.scan_agent(agent, boxes_world, ids, semantic, self.lidar)
                 scans[vid] = (hits.points, hits.semantic)
             return scans[vid]
 
@@ -342,26 +342,15 @@ class PerceptionSource:
 
     def _sensor_pose(self, agent: AgentState) -> np.ndarray:
         """(4, 4) ``T_world_from_sensor`` of the perception LiDAR on ``agent``, as the World mounts it."""
-        mount = T_from_xyz_yaw(
-            self.lidar.mount_x, self.lidar.mount_y, float(agent.extent[2]) + self.lidar.mount_z, 0.0
-        )
-        return agent.T_world_from_agent @ mount
+        return agent.T_world_from_agent @ T_agent_from_lidar(self.lidar, agent.extent[2])
 
     def _partners(self, observer: int, connected: list[int], poses: dict[int, np.ndarray]) -> list[int]:
         """Connected vehicles whose sensors are within range of the observer's, nearest first (ties
         by id), at most ``max_agents - 1``; none for a model that reads only the ego's scan."""
         if not self.cooperative:
             return []
-        here = poses[observer][:3, 3]
-        candidates = []
-        for other in connected:
-            if other == observer:
-                continue
-            distance = float(np.linalg.norm(poses[other][:3, 3] - here))
-            if distance <= self.comm_range_m:
-                candidates.append((distance, other))
-        candidates.sort()
-        return [other for _, other in candidates[: self.max_agents - 1]]
+        others = {other: poses[other][:3, 3] for other in connected if other != observer}
+        return partners_in_range(poses[observer][:3, 3], others, self.comm_range_m, self.max_agents)
 
     def _sample(self, frame: SceneFrame, decision: int, agents: list[int], poses, scan) -> CoopSample:
         """The observer's (``agents[0]``) sample of this decision, as ``CoopDataset`` makes one."""

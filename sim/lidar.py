@@ -44,13 +44,14 @@ from dataclasses import dataclass
 import numpy as np
 import open3d as o3d
 
-from sim.geometry import box_corners, invert_T, transform_points
+from sim.geometry import T_from_xyz_yaw, box_corners, invert_T, transform_points
 from sim.types import LidarConfig, Semantic
 
 __all__ = [
     "LIDAR_PRESETS",
     "LidarHits",
     "StaticGeometry",
+    "T_agent_from_lidar",
     "box_triangles",
     "cast_lidar",
     "lidar_preset",
@@ -121,6 +122,12 @@ def lidar_preset(name: str) -> LidarConfig:
         raise ValueError(
             f"unknown LiDAR preset {name!r}; valid names: {', '.join(sorted(LIDAR_PRESETS))}"
         ) from None
+
+
+def T_agent_from_lidar(config: LidarConfig, roof_z: float) -> np.ndarray:
+    """(4, 4) mount of a LiDAR on a vehicle whose roof is ``roof_z`` above its bottom centre:
+    ``mount_x`` forward, ``mount_y`` left, ``mount_z`` above the roof, level."""
+    return T_from_xyz_yaw(config.mount_x, config.mount_y, float(roof_z) + config.mount_z, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from sim.dynamics import MAX_BRAKE, IDMParams, bicycle_step, idm_acceleration, pure_pursuit_steering
 from sim.geometry import T_from_xyz_yaw, transform_points
-from sim.lidar import LidarConfig, StaticGeometry, cast_lidar, lidar_preset
+from sim.lidar import LidarConfig, StaticGeometry, T_agent_from_lidar, cast_lidar, lidar_preset
 from sim.roads import GroundRaster, RoadLayout
 from sim.scenarios import SCENARIOS, ScenarioParams, ScenarioSpec, build_scenario
 from sim.types import ActorKind, AgentState, LidarScan, Role, SceneFrame, Semantic, VehicleControl
@@ -344,6 +344,46 @@ class EmbeddedWorld:
         ids = self._v.ids[slots]
         return sorted((int(ids[a]), int(ids[b])) for a, b in pairs)
 
+    def scan_agent(
+        self,
+        agent: AgentState,
+        boxes: np.ndarray,
+        ids: np.ndarray,
+        semantic: np.ndarray,
+        lidar: LidarConfig | None = None,
+    ) -> LidarScan:
+        """One sweep of ``lidar`` (default: the World's own) mounted on ``agent`` at the current
+        frame, as every frame's scans are made: the generator seeded by (scenario seed, frame,
+        agent id), the agent's own box left out, ground hits classed by the road raster.
+
+        Args:
+            agent: the vehicle carrying the sensor.
+            boxes: (M, 7) world boxes of the vehicles the rays can hit, ``ids`` (M,) their ids and
+                ``semantic`` (M,) uint8 their classes.
+            lidar: another sensor to cast with (the perception source casts the one its model was
+                trained on).
+        """
+        assert self._static is not None and self._ground is not None, "reset() first"
+        lidar = lidar or self.lidar
+        T_world_from_sensor = agent.T_world_from_agent @ T_agent_from_lidar(lidar, agent.extent[2])
+        rng = np.random.default_rng([self._seed, self._frame, agent.id])
+        hits = cast_lidar(lidar, T_world_from_sensor, self._static, boxes, ids, semantic, agent.id, rng)
+        # ground hits (the only TERRAIN geometry is the ground plane) take the road raster's class
+        ground = np.flatnonzero(hits.semantic == Semantic.TERRAIN)
+        if len(ground):
+            R = T_world_from_sensor[:2, :3].astype(np.float32)  # world x, y rows only
+            xy = hits.points[:, :3] @ R.T  # all points: cheaper than gathering the ground ones first
+            xy += T_world_from_sensor[:2, 3].astype(np.float32)
+            hits.semantic[ground] = self._ground.lookup(xy[ground])
+        return LidarScan(
+            agent_id=agent.id,
+            points=hits.points,
+            instance_id=hits.instance_id,
+            semantic=hits.semantic,
+            T_world_from_sensor=T_world_from_sensor,
+            config=lidar,
+        )
+
     def _observe(self, collisions: list[tuple[int, int]]) -> SceneFrame:
         v = self._v
         boxes, slots = self._boxes()
@@ -366,31 +406,10 @@ class EmbeddedWorld:
         for agent in agents:
             if not agent.connected or not self.sensors_enabled:
                 continue
-            T_agent_from_sensor = T_from_xyz_yaw(
-                self.lidar.mount_x, self.lidar.mount_y, agent.extent[2] + self.lidar.mount_z, 0.0
-            )
-            T_world_from_sensor = agent.T_world_from_agent @ T_agent_from_sensor
-            rng = np.random.default_rng([self._seed, self._frame, agent.id])
-            hits = cast_lidar(
-                self.lidar, T_world_from_sensor, self._static, boxes, ids, semantic, agent.id, rng
-            )
-            # ground hits (the only TERRAIN geometry is the ground plane) take the road raster's class
-            ground = np.flatnonzero(hits.semantic == Semantic.TERRAIN)
-            if len(ground):
-                R = T_world_from_sensor[:2, :3].astype(np.float32)  # world x, y rows only
-                xy = hits.points[:, :3] @ R.T  # all points: cheaper than gathering the ground ones first
-                xy += T_world_from_sensor[:2, 3].astype(np.float32)
-                hits.semantic[ground] = self._ground.lookup(xy[ground])
-            scans[agent.id] = LidarScan(
-                agent_id=agent.id,
-                points=hits.points,
-                instance_id=hits.instance_id,
-                semantic=hits.semantic,
-                T_world_from_sensor=T_world_from_sensor,
-                config=self.lidar,
-            )
+            scan = self.scan_agent(agent, boxes, ids, semantic)
+            scans[agent.id] = scan
             # visibility: how many of this scan's points hit each agent
-            per_id = np.bincount(hits.instance_id + 1, minlength=int(ids.max()) + 2)[1:]  # slot 0: id -1
+            per_id = np.bincount(scan.instance_id + 1, minlength=int(ids.max()) + 2)[1:]  # slot 0: id -1
             points_in_box[agent.id] = per_id[ids].astype(np.int32)
         t = self._frame * self.dt
         assert self.spec is not None
