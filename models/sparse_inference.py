@@ -33,6 +33,7 @@ import torch
 from spconv.core import ConvAlgo
 from spconv.pytorch import ops as spconv_ops
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["FoldedSparseConv", "Rulebook", "SparseBackbone3dInference", "spconv_rulebook"]
 
@@ -74,11 +75,14 @@ class FoldedSparseConv(nn.Module):
         if conv.bias is not None:
             raise ValueError("expected a bias-free sparse convolution before its batch norm")
         with torch.no_grad():
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C_out,)
-            c_out, c_in = conv.weight.shape[0], conv.weight.shape[-1]
-            weight = conv.weight.detach().reshape(c_out, -1, c_in) * scale[:, None, None]  # (C_out, K, C_in)
+            # torch's conv + batch-norm folding scales dim 0, which is C_out in spconv's layout too
+            weight, bias = fuse_conv_bn_weights(
+                conv.weight, None, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
+            )
+            c_out, c_in = weight.shape[0], weight.shape[-1]
+            weight = weight.detach().reshape(c_out, -1, c_in)  # (C_out, K, C_in)
             self.register_buffer("weight", weight.permute(1, 2, 0).contiguous())  # (K, C_in, C_out)
-            self.register_buffer("bias", (norm.bias - norm.running_mean * scale).detach().clone())
+            self.register_buffer("bias", bias.detach().clone())
         self.kernel = tuple(int(k) for k in conv.kernel_size)
         self.stride = tuple(int(s) for s in conv.stride)
         self.padding = tuple(int(p) for p in conv.padding)
