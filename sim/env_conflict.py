@@ -15,7 +15,10 @@ scenarios time their hidden vehicles with):
 - *go first*: the other vehicle's arrival minus the moment the ego's rear leaves the crossing;
   positive when going now clears it before the other vehicle comes;
 - *go after*: the ego's arrival minus the moment the other vehicle's rear leaves; positive when
-  the other vehicle is gone before the ego comes, even at full speed.
+  the other vehicle is gone before the ego comes, even at full speed. Where a second vehicle
+  follows the first across the ego's path (oncoming traffic behind an occluder), going after the
+  first also means going before the second: the margin is the smaller of the two, so that it
+  reads positive only for a gap the ego fits through.
 
 When both are negative, going at full speed now meets the other vehicle: the ego has to slow down
 until *go after* turns positive.
@@ -29,7 +32,7 @@ problem, described by the object features.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -69,6 +72,8 @@ class Conflict:
         arrival_s: seconds until the other vehicle's front reaches the ego's path (negative: it
             is on it now).
         clear_s: seconds until its rear has left the ego's path (> 0).
+        following: the crossing that comes next after this one (the next-earliest arrival), if
+            any: what an ego that lets this vehicle pass meets.
     """
 
     index: int
@@ -76,6 +81,7 @@ class Conflict:
     exit_m: float
     arrival_s: float
     clear_s: float
+    following: Conflict | None = None
 
 
 def first_conflict(
@@ -104,7 +110,8 @@ def first_conflict(
             ``arccos(max_parallel_cos)`` where they cross are left out (same or opposite lane).
 
     Returns:
-        The conflict with the smallest ``arrival_s`` among vehicles not yet past the path, or None.
+        The conflict with the smallest ``arrival_s`` among vehicles not yet past the path, with the
+        next-earliest one as its ``following``, or None.
     """
     path_xy = np.asarray(path_xy, dtype=np.float64).reshape(-1, 2)
     path_s = np.asarray(path_s, dtype=np.float64).reshape(-1)
@@ -112,7 +119,7 @@ def first_conflict(
         return None
     path_dir = np.gradient(path_xy, axis=0)  # (P, 2)
     path_dir /= np.maximum(np.linalg.norm(path_dir, axis=1, keepdims=True), 1e-9)
-    best: Conflict | None = None
+    found: list[Conflict] = []
     for i in range(len(boxes)):
         speed = float(np.hypot(*velocities[i]))
         if speed < min_speed:
@@ -139,15 +146,19 @@ def first_conflict(
         clear = (float(along[run].max()) + reach) / speed
         if clear <= 0.0:
             continue  # already past
-        if best is None or arrival < best.arrival_s:
-            best = Conflict(
+        found.append(
+            Conflict(
                 index=i,
                 distance_m=float(path_s[run[0]]),
                 exit_m=float(path_s[run[-1]]),
                 arrival_s=arrival,
                 clear_s=clear,
             )
-    return best
+        )
+    if not found:
+        return None
+    found.sort(key=lambda c: c.arrival_s)
+    return replace(found[0], following=found[1] if len(found) > 1 else None)
 
 
 def conflict_features(
@@ -155,7 +166,8 @@ def conflict_features(
 ) -> np.ndarray:
     """(6,) ``CONFLICT_FEATURES``: a presence flag, the ego's distance to the conflict / 50 m
     (clipped to [-1, 1]), the other vehicle's arrival and clearing times / 5 s (clipped to
-    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring) / ``MARGIN_NORM_S``, clipped
+    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring; go-after also against
+    ``conflict.following``) / ``MARGIN_NORM_S``, clipped
     to [-2, 2], for an ego at ``ego_speed`` now pressing on up to ``max_speed`` whose rear is
     ``ego_length`` behind its front; without a conflict ``[0, 1, 2, 2, 2, 2]`` (far away, late,
     nothing in the way)."""
@@ -163,6 +175,11 @@ def conflict_features(
         return np.array([0.0, 1.0, _TIME_CLIP, _TIME_CLIP, _MARGIN_CLIP, _MARGIN_CLIP])
     ego_arrival = fastest_arrival_s(max(conflict.distance_m, 0.0), ego_speed, max_speed)
     ego_clear = fastest_arrival_s(max(conflict.exit_m + ego_length, 0.0), ego_speed, max_speed)
+    go_after = ego_arrival - conflict.clear_s
+    nxt = conflict.following
+    if nxt is not None:  # going after the first vehicle means going before the next one
+        next_clear = fastest_arrival_s(max(nxt.exit_m + ego_length, 0.0), ego_speed, max_speed)
+        go_after = min(go_after, nxt.arrival_s - next_clear)
     return np.array(
         [
             1.0,
@@ -170,6 +187,6 @@ def conflict_features(
             np.clip(conflict.arrival_s / _TIME_NORM_S, -_TIME_CLIP, _TIME_CLIP),
             np.clip(conflict.clear_s / _TIME_NORM_S, 0.0, _TIME_CLIP),
             np.clip((conflict.arrival_s - ego_clear) / MARGIN_NORM_S, -_MARGIN_CLIP, _MARGIN_CLIP),
-            np.clip((ego_arrival - conflict.clear_s) / MARGIN_NORM_S, -_MARGIN_CLIP, _MARGIN_CLIP),
+            np.clip(go_after / MARGIN_NORM_S, -_MARGIN_CLIP, _MARGIN_CLIP),
         ]
     )

@@ -75,6 +75,25 @@ def test_the_earliest_arrival_wins_not_the_nearest_point():
     assert conflict.index == 1 and conflict.distance_m == pytest.approx(38.0)
 
 
+def test_the_next_crossing_is_kept_and_bounds_the_go_after_margin():
+    path, s = _straight_path()
+    # two cars in the same lane crossing at x = 30, arriving at 0.85 s and 2.25 s
+    boxes = np.stack([_box(30.0, -12.0, np.pi / 2), _box(30.0, -26.0, np.pi / 2)])
+    velocities = np.array([[0.0, 10.0], [0.0, 10.0]])
+    conflict = first_conflict(path, s, 2.0, boxes, velocities)
+    assert conflict.index == 0 and conflict.following is not None and conflict.following.index == 1
+    assert conflict.following.arrival_s == pytest.approx((26.0 - 3.5) / 10.0)
+    alone = first_conflict(path, s, 2.0, boxes[:1], velocities[:1])
+    assert alone.following is None
+    # at 10 m/s the ego reaches the crossing (28 m) 2.95 s from now, after the first car has gone
+    # (1.55 s), but its rear leaves (32 + 5 m) at 3.85 s, after the second arrives (2.25 s)
+    f_alone = conflict_features(alone, 10.0, 10.0, 5.0)
+    f_both = conflict_features(conflict, 10.0, 10.0, 5.0)
+    assert f_alone[5] == pytest.approx(min((2.95 - 1.55) / MARGIN_NORM_S, 2.0))
+    assert f_both[5] == pytest.approx(max((2.25 - 3.85) / MARGIN_NORM_S, -2.0))
+    assert f_both[:5].tolist() == pytest.approx(f_alone[:5].tolist())
+
+
 def test_features_are_normalised_and_default_to_far_and_late():
     assert conflict_features(None, 10.0, 13.9, 4.5).tolist() == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
     conflict = Conflict(index=0, distance_m=25.0, exit_m=30.0, arrival_s=-1.0, clear_s=60.0)

@@ -257,7 +257,8 @@ def test_world_queries_for_planners():
 @pytest.mark.parametrize("scenario", ["red_light", "left_turn"])
 def test_no_fixed_timing_succeeds_on_every_seed(scenario):
     """Braking for a fixed time and then driving at full speed: going at once meets an early
-    hidden vehicle on some seeds, a short wait meets a late one, a long wait runs out of time."""
+    hidden vehicle on some seeds, a short wait meets a late one, a long wait runs out of time
+    (or, in the left turn, meets the second oncoming car)."""
     env = _env(scenario=scenario, obs="oracle")
     step_s = env.dt * env.config.decision_ticks
     for delay_s in (0.0, 0.6, 1.6):
@@ -275,7 +276,9 @@ def test_no_fixed_timing_succeeds_on_every_seed(scenario):
             assert 0 < successes < len(outcomes), (delay_s, outcomes)
             assert all(e["success"] or e["collision"] for e in outcomes)
         else:
-            assert successes == 0 and any(e["timeout"] for e in outcomes), outcomes
+            assert successes == 0, outcomes
+            if scenario == "red_light":
+                assert any(e["timeout"] for e in outcomes), outcomes
 
 
 def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path):
@@ -300,7 +303,8 @@ def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path)
     rows = {r["policy"]: r for r in json.loads(out.read_text())}
     informed = {f"informed {m}" for m in ("ego_only", "visible", "oracle")}
     rules = {f"feature rule {m}" for m in ("ego_only", "visible", "oracle")}
-    assert set(rows) == {"stop", "blind d=0s"} | informed | rules
+    holds = {f"hold d={d:g}s, informed ego_only" for d in (0.4, 0.8, 1.2)}
+    assert set(rows) == {"stop", "blind d=0s"} | informed | holds | rules
     assert rows["informed visible"]["success"] == 1.0
     assert rows["feature rule visible"]["success"] == 1.0
     assert rows["stop"]["timeout"] == 1.0

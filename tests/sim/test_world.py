@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import world_suite
 
-from sim.scenarios import SCENARIOS, build_scenario, fastest_arrival_s, route_crossing
+from sim.scenarios import LEFT_TURN_TIMING, SCENARIOS, build_scenario, fastest_arrival_s, route_crossing
 from sim.types import Role, VehicleControl
 from sim.world import EmbeddedWorld, make_world
 
@@ -141,7 +141,7 @@ def test_no_collisions_in_autopilot_traffic():
 
 @pytest.mark.parametrize(
     ("scenario", "ego_route", "hidden_route"),
-    [("left_turn", "S_left", "N_straight"), ("red_light", "W_straight_inner", "S_straight")],
+    [("red_light", "W_straight_inner", "S_straight")],
 )
 def test_hidden_vehicle_timing_varies_so_no_fixed_delay_fits_every_seed(scenario, ego_route, hidden_route):
     """The hidden vehicle reaches the ego's path sometimes about when the ego would at full speed
@@ -158,6 +158,32 @@ def test_hidden_vehicle_timing_varies_so_no_fixed_delay_fits_every_seed(scenario
     early, late = offsets < 0.3, offsets > 0.5
     assert np.all(early | late), offsets  # nothing in between: the modes are told apart by timing
     assert 3 <= early.sum() <= 9, offsets  # both happen on a handful of seeds
+
+
+def test_left_turn_hides_two_oncoming_cars_a_short_gap_apart():
+    """The first car meets a fast ego on some seeds and a hedging one on others; the second
+    follows 1.1-1.4 s later, so only an ego that knows both times fits between them."""
+    timing = LEFT_TURN_TIMING
+    firsts, gaps = [], []
+    for seed in range(12):
+        spec = build_scenario("left_turn", np.random.default_rng(seed))
+        assert len(spec.hidden_indices) == 2
+        ego = spec.actors[spec.ego_index]
+        route = spec.layout.route("S_left")
+        s_ego, s_hidden = route_crossing(spec.layout, "S_left", "N_straight", (150.0, 230.0))
+        t_ego = fastest_arrival_s(s_ego - ego.s, ego.speed, route.speed_limit)
+        first, second = (spec.actors[i] for i in spec.hidden_indices)
+        t_first = (s_hidden - first.s) / first.speed
+        t_second = (s_hidden - second.s) / second.speed
+        firsts.append(t_first - t_ego)
+        gaps.append(t_second - t_first)
+        bus = next(a for a in spec.actors if a.tag == "occluder")
+        assert bus.pose is not None and bus.pose[2] == pytest.approx(-np.pi / 2, abs=1e-6)  # wheels straight
+    firsts, gaps = np.array(firsts), np.array(gaps)
+    lo, hi = timing.first_offset_s
+    assert np.all((firsts >= lo - 1e-6) & (firsts <= hi + 1e-6)), firsts
+    assert firsts.min() < 0.0 < 0.3 < firsts.max(), firsts  # both fast and hedging egos get met
+    assert np.all((gaps >= timing.gap_s[0] - 1e-6) & (gaps <= timing.gap_s[1] + 0.6)), gaps
 
 
 def test_fastest_arrival_matches_the_simple_kinematics():
