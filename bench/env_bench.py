@@ -5,7 +5,9 @@ Measures, in one process on this machine, with random actions and no rendering:
 - steps/s of the multi-agent env on ``merge`` (3 connected vehicles, each an agent) with
   ``visible`` observations (coarse-LiDAR visibility + DETECTIONS messages over the DSRC bus), at
   one World tick per decision (the finest) and at the configs' two ticks; ``oracle`` for
-  reference; and the share of time spent in ``EmbeddedWorld.step`` and in the visibility cast;
+  reference; and where the time goes: ``EmbeddedWorld.step``, the visibility cast, the rest of
+  the communication (encoding, the bus, decoding and matching the messages) and the env's own
+  Python (controls, rewards, observations);
 - steps/s of highway-env's ``merge-v0`` (one agent, 15 simulation ticks per 1 Hz decision);
 - the ratios per env step and per simulated second.
 
@@ -53,6 +55,7 @@ def bench_ours(steps: int, obs: str, decision_ticks: int, seed: int = 0) -> dict
     env.step({a: int(rng.integers(5)) for a in env.agents})  # warm caches
     world_timer = _Timer(EmbeddedWorld, "step")
     vis_timer = _Timer(visibility_module.VisibilityCaster, "points_on_boxes")
+    comm_timer = _Timer(CoopDrivingEnv, "_communicate")  # sensing, messages and the bus
     done = 0
     try:
         t0 = time.perf_counter()
@@ -65,11 +68,13 @@ def bench_ours(steps: int, obs: str, decision_ticks: int, seed: int = 0) -> dict
     finally:
         world_timer.restore()
         vis_timer.restore()
+        comm_timer.restore()
     return {
         "steps_per_s": steps / elapsed,
         "sim_seconds_per_s": steps * decision_ticks * env.dt / elapsed,
         "world_share": world_timer.seconds / elapsed,
         "visibility_share": vis_timer.seconds / elapsed,
+        "messages_share": (comm_timer.seconds - vis_timer.seconds) / elapsed,
         "agents": len(env.possible_agents),
     }
 
@@ -94,7 +99,9 @@ def main() -> None:
             f"CoopDrivingEnv merge, obs={obs}, {ticks} tick(s) per step, {ours['agents']} agents: "
             f"{ours['steps_per_s']:.1f} steps/s ({ours['sim_seconds_per_s']:.1f} simulated s per s); "
             f"World.step {100 * ours['world_share']:.0f}% of the time, "
-            f"visibility {100 * ours['visibility_share']:.0f}%"
+            f"visibility {100 * ours['visibility_share']:.0f}%, "
+            f"messages {100 * ours['messages_share']:.0f}%, "
+            f"env {100 * (1.0 - ours['world_share'] - ours['visibility_share'] - ours['messages_share']):.0f}%"
         )
         if theirs is not None:
             line += (

@@ -95,15 +95,15 @@ from sim.env_lanes import (
     lookahead_distance,
     meta_control,
     plan_meta_trajectory,
-    snapped_offset,
+    snapped_offsets,
     update_meta_state,
 )
-from sim.env_obs import ObsMode, PerceptionObsConfig, make_source, nearest_within, sensor_pose
+from sim.env_obs import ObsMode, PerceptionObsConfig, frame_boxes, make_source, nearest_within, sensor_pose
 from sim.env_passing import PASSING_FEATURES, Passing, passing_features, passing_situation
 from sim.env_visibility import VisibilityConfig
 from sim.geometry import wrap_angle
 from sim.scenarios import SCENARIOS
-from sim.types import SceneFrame, VehicleControl
+from sim.types import AgentState, SceneFrame, VehicleControl
 from sim.world import EmbeddedWorld, make_world
 from v2x.bus import BroadcastBus, BusConfig
 from v2x.channel import ChannelConfig, dsrc, ideal, lte_v2x_pc5
@@ -414,6 +414,71 @@ class _Track:
     episode: AgentEpisode = field(default_factory=AgentEpisode)
 
 
+@dataclass(frozen=True)
+class _Vehicle:
+    """One vehicle of a frame with the values the env reads many times a step worked out once
+    (``AgentState.speed`` and ``.yaw`` compute theirs on every access)."""
+
+    id: int
+    T_world_from_agent: np.ndarray
+    """(4, 4)"""
+    velocity: np.ndarray
+    """(3,) m/s"""
+    extent: np.ndarray
+    """(3,) metres"""
+    steering: float
+    speed: float
+    """``AgentState.speed``"""
+    yaw: float
+    """``AgentState.yaw``"""
+
+    @classmethod
+    def of(cls, agent: AgentState) -> _Vehicle:
+        return cls(
+            agent.id,
+            agent.T_world_from_agent,
+            agent.velocity,
+            agent.extent,
+            agent.steering,
+            agent.speed,
+            agent.yaw,
+        )
+
+
+class _FrameView:
+    """A frame's agents as the env reads them, worked out once per frame.
+
+    Attributes:
+        frame: the frame.
+        ids: (M,) int64 ``frame.agent_ids``.
+        row: vehicle id -> its index in ``frame.agents``.
+        boxes: (M, 7) ``frame.boxes_world``.
+    """
+
+    def __init__(self, frame: SceneFrame) -> None:
+        self.frame = frame
+        self.ids = frame.agent_ids
+        self.row = {a.id: k for k, a in enumerate(frame.agents)}
+        self.boxes = frame_boxes(frame)
+        self._vehicles: dict[int, _Vehicle] = {}
+        self._velocities: np.ndarray | None = None
+
+    def vehicle(self, vid: int) -> _Vehicle:
+        """Vehicle ``vid`` (KeyError when it is not in the frame)."""
+        vehicle = self._vehicles.get(vid)
+        if vehicle is None:
+            vehicle = self._vehicles[vid] = _Vehicle.of(self.frame.agents[self.row[vid]])
+        return vehicle
+
+    @property
+    def velocities(self) -> np.ndarray:
+        """(M, 2) world x, y velocities of the agents."""
+        if self._velocities is None:
+            agents = self.frame.agents
+            self._velocities = np.stack([a.velocity[:2] for a in agents]) if agents else np.zeros((0, 2))
+        return self._velocities
+
+
 class CoopDrivingEnv(ParallelEnv):
     """See the module docstring. ``CoopDrivingEnv(EnvConfig(scenario="merge", obs="visible"), seed=0)``."""
 
@@ -478,8 +543,7 @@ class CoopDrivingEnv(ParallelEnv):
         self._intent_seq: dict[int, int] = {}
         self._decision = 0
         self._lanes: LaneMap | None = None
-        self._boxes_frame: SceneFrame | None = None
-        self._boxes_value = np.zeros((0, 7))
+        self._frame_view: _FrameView | None = None
         self._bus: BroadcastBus | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -573,7 +637,7 @@ class CoopDrivingEnv(ParallelEnv):
                     chosen[a],
                     tr.route,
                     tr.s,
-                    self._speed(frame, tr.vid),
+                    self._view(frame).vehicle(tr.vid).speed,
                     self._lanes,
                     self.config.meta,
                 )
@@ -599,22 +663,22 @@ class CoopDrivingEnv(ParallelEnv):
         r = self.config.reward
         for _ in range(self.config.decision_ticks):
             controls = {}
-            index_of = {a.id: k for k, a in enumerate(frame.agents)}
+            view = self._view(frame)
             for tr in self._tracks.values():
-                if tr.vid not in index_of:
+                if tr.vid not in view.row:
                     continue
                 if tr.crashed:
                     controls[tr.vid] = VehicleControl(-MAX_BRAKE, 0.0)
                 elif tr.live:
-                    controls[tr.vid] = self._control(frame.agents[index_of[tr.vid]], tr)
+                    controls[tr.vid] = self._control(view.vehicle(tr.vid), tr)
             frame = self.world.step(controls)
-            index_of = {a.id: k for k, a in enumerate(frame.agents)}
+            view = self._view(frame)
             collided = {i for pair in frame.collisions for i in pair}
             for a in acting:
                 tr = self._tracks[a]
                 if not tr.live:
                     continue
-                agent = frame.agents[index_of[tr.vid]]
+                agent = view.vehicle(tr.vid)
                 rewards[a] += self._tick_reward(frame, tr, agent, controls[tr.vid])
                 if tr.vid in collided:
                     tr.crashed, tr.live = True, False
@@ -715,17 +779,17 @@ class CoopDrivingEnv(ParallelEnv):
             return self.config.allow_oncoming
         return self.world.layout.name == "two_lane_road"
 
+    def _view(self, frame: SceneFrame) -> _FrameView:
+        """``frame``'s agents, boxes and velocities, worked out once per frame."""
+        if self._frame_view is None or self._frame_view.frame is not frame:
+            self._frame_view = _FrameView(frame)
+        return self._frame_view
+
     def _boxes(self, frame: SceneFrame) -> np.ndarray:
         """(M, 7) ``frame.boxes_world``, computed once per frame (the property rebuilds it)."""
-        if self._boxes_frame is not frame:
-            self._boxes_frame, self._boxes_value = frame, frame.boxes_world
-        return self._boxes_value
+        return self._view(frame).boxes
 
-    @staticmethod
-    def _speed(frame: SceneFrame, vid: int) -> float:
-        return frame.agent(vid).speed
-
-    def _control(self, agent, tr: _Track) -> VehicleControl:
+    def _control(self, agent: _Vehicle, tr: _Track) -> VehicleControl:
         if self.config.action == "continuous":
             return VehicleControl(tr.accel, tr.steer)
         x, y = agent.T_world_from_agent[:2, 3]
@@ -735,7 +799,7 @@ class CoopDrivingEnv(ParallelEnv):
         )
         return VehicleControl(accel, steer)
 
-    def _tick_reward(self, frame: SceneFrame, tr: _Track, agent, control: VehicleControl) -> float:
+    def _tick_reward(self, frame: SceneFrame, tr: _Track, agent: _Vehicle, control: VehicleControl) -> float:
         """Advance the track by one tick and return this tick's shaping reward."""
         r = self.config.reward
         dt = self.dt
@@ -771,7 +835,7 @@ class CoopDrivingEnv(ParallelEnv):
                 reward += r.merge_lane * float(np.exp(-((x - length) ** 2) / (10.0 * length))) * dt
         return reward
 
-    def _time_headway(self, frame: SceneFrame, tr: _Track, agent) -> float:
+    def _time_headway(self, frame: SceneFrame, tr: _Track, agent: _Vehicle) -> float:
         """Seconds to the nearest vehicle ahead within the agent's lane (inf if none within 60 m)."""
         boxes = self._boxes(frame)
         yaw = agent.yaw
@@ -826,7 +890,7 @@ class CoopDrivingEnv(ParallelEnv):
         rollouts: dict[str, np.ndarray] = {}
         for a in proposed:
             tr = self._tracks[a]
-            agent = frame.agent(tr.vid)
+            agent = self._view(frame).vehicle(tr.vid)
             x, y = agent.T_world_from_agent[:2, 3]
             states = (
                 self._candidate_states(tr, agent.speed)
@@ -878,9 +942,7 @@ class CoopDrivingEnv(ParallelEnv):
             known |= ids == sender
         known &= ids != tr.vid
         boxes = self._boxes(frame)[known]
-        velocities = (
-            np.stack([a.velocity[:2] for a in frame.agents])[known] if known.any() else np.zeros((0, 2))
-        )
+        velocities = self._view(frame).velocities[known] if known.any() else np.zeros((0, 2))
         poses = constant_velocity_poses(boxes, velocities, times)
         for k, vid in enumerate(ids[known].tolist()):
             if vid in held:
@@ -900,7 +962,7 @@ class CoopDrivingEnv(ParallelEnv):
     def _priority(self, tr: _Track, frame: SceneFrame) -> float:
         """MAPPO-PIS priority: on a merge lane, the closer to its end the higher; then the
         shorter the time headway the higher."""
-        agent = frame.agent(tr.vid)
+        agent = self._view(frame).vehicle(tr.vid)
         p = 1.0 / (1.0 + self._time_headway(frame, tr, agent))
         merge = tr.route.merge
         if merge is not None and abs(tr.meta.target_offset) < self.config.meta.lane_width / 2:
@@ -911,7 +973,7 @@ class CoopDrivingEnv(ParallelEnv):
 
     def _continuous_plan(self, frame: SceneFrame, tr: _Track) -> tuple[np.ndarray, np.ndarray]:
         """Planned positions holding the continuous controls, at the intent times."""
-        agent = frame.agent(tr.vid)
+        agent = self._view(frame).vehicle(tr.vid)
         x, y = (np.array([v]) for v in agent.T_world_from_agent[:2, 3])
         yaw, speed = np.array([agent.yaw]), np.array([agent.speed])
         out = []
@@ -935,11 +997,9 @@ class CoopDrivingEnv(ParallelEnv):
 
     def _communicate(self, frame: SceneFrame, intents: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
         """Sense, put this decision's messages on the bus, and update what every agent knows."""
-        observers = [tr.vid for tr in self._tracks.values()]
-        present = set(frame.agent_ids.tolist())
-        observers = [o for o in observers if o in present]
+        index_of = self._view(frame).row
+        observers = [tr.vid for tr in self._tracks.values() if tr.vid in index_of]
         outgoing = list(self.source.sense(frame, observers))
-        index_of = {a.id: k for k, a in enumerate(frame.agents)}
         mount = self.config.visibility.mount_z
         for vid, (offsets, plan) in intents.items():
             if vid not in index_of:
@@ -989,13 +1049,13 @@ class CoopDrivingEnv(ParallelEnv):
         frame = self.frame
         assert frame is not None
         cfg = self.config
-        ids = frame.agent_ids
-        present = np.flatnonzero(ids == tr.vid)
+        view = self._view(frame)
+        ids = view.ids
         ego_feat = np.zeros(self.ego_dim)
         objects = np.zeros((cfg.k_nearest, self.object_dim))
-        if len(present) == 0:  # cannot happen for live agents; a crashed one may still be observed
+        if tr.vid not in view.row:  # cannot happen for live agents; a crashed one may still be observed
             return np.concatenate([ego_feat, objects.reshape(-1)]).astype(np.float32)
-        me = frame.agents[int(present[0])]
+        me = view.vehicle(tr.vid)
         ego_feat = self._ego_features(tr, me, frame)
         if known is None:
             known = np.zeros(len(ids), dtype=bool)
@@ -1019,23 +1079,24 @@ class CoopDrivingEnv(ParallelEnv):
             vel = velocities[sel] - me.velocity[:2]
             rng = cfg.obs_range_m
             held = self._intents.intents_of(tr.vid, frame.time_s) if (cfg.intent and use_intents) else {}
-            for row, j in enumerate(sel):
-                dyaw = boxes[j, 6] - yaw
-                vx = c * vel[row, 0] + s * vel[row, 1]
-                vy = -s * vel[row, 0] + c * vel[row, 1]
-                objects[row, : len(OBJECT_FEATURES)] = [
-                    1.0,
-                    x[j] / rng,
-                    y[j] / rng,
-                    vx / _SPEED_NORM,
-                    vy / _SPEED_NORM,
+            dyaw = boxes[sel, 6] - yaw
+            objects[: len(sel), : len(OBJECT_FEATURES)] = np.stack(
+                [
+                    np.ones(len(sel)),
+                    x[sel] / rng,
+                    y[sel] / rng,
+                    (c * vel[:, 0] + s * vel[:, 1]) / _SPEED_NORM,
+                    (-s * vel[:, 0] + c * vel[:, 1]) / _SPEED_NORM,
                     np.cos(dyaw),
                     np.sin(dyaw),
-                    boxes[j, 3] / 10.0,
-                    boxes[j, 4] / 5.0,
-                ]
+                    boxes[sel, 3] / 10.0,
+                    boxes[sel, 4] / 5.0,
+                ],
+                axis=1,
+            )  # (K', len(OBJECT_FEATURES)), nearest first
+            for row, j in enumerate(sel if held else ()):
                 vid = int(object_ids[j])
-                if cfg.intent and vid in held:
+                if vid in held:
                     future = (
                         held[vid].position_at(frame.time_s + np.array(_INTENT_OFFSETS_S))
                         - me.T_world_from_agent[:2, 3]
@@ -1050,8 +1111,9 @@ class CoopDrivingEnv(ParallelEnv):
         """Per second: ``reward.conflict`` times the collision-course deficit plus
         ``reward.head_on`` times the head-on deficit, both from every other vehicle's ground truth."""
         r = self.config.reward
-        me = frame.agent(tr.vid)
-        others = np.flatnonzero(frame.agent_ids != tr.vid)
+        view = self._view(frame)
+        me = view.vehicle(tr.vid)
+        others = np.flatnonzero(view.ids != tr.vid)
         boxes, velocities, _ = self._known_objects(tr, frame, others, use_estimates=False)
         cost = 0.0
         if r.conflict != 0.0:
@@ -1080,10 +1142,9 @@ class CoopDrivingEnv(ParallelEnv):
         vehicles ``idx`` (indices into ``frame.agents``)."""
         estimates = self.source.estimates(tr.vid) if use_estimates else None
         if estimates is None:
-            velocities = (
-                np.stack([frame.agents[i].velocity[:2] for i in idx]) if len(idx) else np.zeros((0, 2))
-            )
-            return self._boxes(frame)[idx], velocities, frame.agent_ids[idx]
+            view = self._view(frame)
+            velocities = view.velocities[idx] if len(idx) else np.zeros((0, 2))
+            return view.boxes[idx], velocities, view.ids[idx]
         object_ids = np.full(len(estimates), -1, dtype=np.int64)
         held = self._intents.intents_of(tr.vid, frame.time_s) if self.config.intent else {}
         if held and len(estimates):
@@ -1162,9 +1223,11 @@ class CoopDrivingEnv(ParallelEnv):
         lane = cfg.meta.lane_width
         s_ahead = tr.s + float(lookahead_distance(me.speed))
         offset = tr.meta.target_offset
-        left = snapped_offset(self._lanes, route, s_ahead, offset + lane, cfg.meta.snap_tolerance)
-        right = snapped_offset(self._lanes, route, s_ahead, offset - lane, cfg.meta.snap_tolerance)
-        bends = [np.sin(float(wrap_angle(route.heading(tr.s + d) - heading))) for d in (10.0, 25.0, 50.0)]
+        left, right = snapped_offsets(
+            self._lanes, route, s_ahead, (offset + lane, offset - lane), cfg.meta.snap_tolerance
+        )
+        ahead = np.array([tr.s + 10.0, tr.s + 25.0, tr.s + 50.0])
+        bends = np.sin(wrap_angle(route.heading(ahead) - heading))  # (3,) 10, 25 and 50 m on
         stop_distance, signal = 1.0, [0.0, 0.0, 0.0]
         front = tr.s + tr.extent[0] / 2.0
         for s_stop, signal_id in route.stop_lines:

@@ -22,6 +22,7 @@ the offset route, with the driver model's speed-dependent look-ahead distance.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,15 @@ __all__ = [
     "meta_control",
     "plan_meta_trajectory",
     "snapped_offset",
+    "snapped_offsets",
     "update_meta_state",
 ]
+
+
+# LaneMap's grid: cell size, and how much further than the snap tolerance a segment registers in
+# the cells around it (far above the rounding of a closest point computed on it, ~1e-13 m)
+_CELL_M = 4.0
+_CELL_SLACK_M = 0.5
 
 
 class MetaAction(enum.IntEnum):
@@ -53,8 +61,11 @@ class MetaAction(enum.IntEnum):
     SLOWER = 4
 
 
-def lookahead_distance(speed: np.ndarray | float) -> np.ndarray:
-    """Pure-pursuit look-ahead, metres: ``clip(0.9 v + 3, 4, 25)`` (the driver model's rule)."""
+def lookahead_distance(speed: np.ndarray | float) -> np.ndarray | float:
+    """Pure-pursuit look-ahead, metres: ``clip(0.9 v + 3, 4, 25)`` (the driver model's rule);
+    a float for a float ``speed``."""
+    if isinstance(speed, float):  # one vehicle: the same arithmetic without numpy's per-call cost
+        return min(max(0.9 * speed + 3.0, 4.0), 25.0)
     return np.clip(0.9 * np.asarray(speed, dtype=np.float64) + 3.0, 4.0, 25.0)
 
 
@@ -94,15 +105,32 @@ class LaneMap:
     """
 
     def __init__(self, layout: RoadLayout, allow_oncoming: bool) -> None:
-        starts, directions, lengths = [], [], []
+        starts, directions, lengths, ends = [], [], [], []
         for route in layout.routes.values():
             starts.append(route.xy[:-1])
+            ends.append(route.xy[1:])
             directions.append(route.seg_dir)
             lengths.append(np.diff(route.s))
         self.starts = np.concatenate(starts)  # (P, 2) segment start points
         self.directions = np.concatenate(directions)  # (P, 2) unit direction of each segment
         self.lengths = np.concatenate(lengths)  # (P,) segment lengths
         self.allow_oncoming = bool(allow_oncoming)
+        # snap() is asked a few times per vehicle and tick about one point: it finds the segments
+        # near the point in a grid of cells and works on them in Python floats, numpy's arithmetic
+        # operation for operation (numpy's per-call cost would dominate on a handful of segments)
+        self._segments = [
+            (sx, sy, dx, dy, length)
+            for (sx, sy), (dx, dy), length in zip(
+                self.starts.tolist(), self.directions.tolist(), self.lengths.tolist(), strict=True
+            )
+        ]
+        ends_xy = np.concatenate(ends)
+        self._lo = np.minimum(self.starts, ends_xy)  # (P, 2) bounding boxes of the segments
+        self._hi = np.maximum(self.starts, ends_xy)
+        self._cells: dict[float, dict[tuple[int, int], list[int]]] = {}  # per tolerance
+        # the parallel segments of each direction asked about: directions come from route
+        # headings, so there are as many as route segments
+        self._parallel: dict[tuple[float, float], list[bool] | None] = {}
 
     def snap(self, point: np.ndarray, direction: np.ndarray, tolerance: float) -> np.ndarray | None:
         """Closest lane centre to ``point`` for a vehicle heading along ``direction``.
@@ -117,21 +145,53 @@ class LaneMap:
             between the directions; same sense unless oncoming lanes are allowed), or None if
             there is none within ``tolerance``.
         """
-        cos = self.directions @ direction
-        ok = cos > 0.95
-        if self.allow_oncoming:
-            ok |= cos < -0.95
-        idx = np.flatnonzero(ok)
-        if len(idx) == 0:
+        parallel = self._parallel_to(direction)
+        if parallel is None:
             return None
-        rel = point[None, :] - self.starts[idx]  # (P', 2)
-        t = np.clip(np.einsum("pd,pd->p", rel, self.directions[idx]), 0.0, self.lengths[idx])
-        closest = self.starts[idx] + t[:, None] * self.directions[idx]
-        dist = np.hypot(*(point[None, :] - closest).T)
+        x, y = float(point[0]), float(point[1])
+        cell = (math.floor(x / _CELL_M), math.floor(y / _CELL_M))
+        near = [k for k in self._cells_for(tolerance).get(cell, ()) if parallel[k]]
+        if not near:
+            return None
+        closest, offsets = [], []
+        for k in near:  # in segment order, so that the first of equally near ones wins
+            sx, sy, dx, dy, length = self._segments[k]
+            t = min(max((x - sx) * dx + (y - sy) * dy, 0.0), length)
+            cx, cy = sx + t * dx, sy + t * dy
+            closest.append((cx, cy))
+            offsets.append((x - cx, y - cy))
+        dist = np.hypot(*np.array(offsets).T)
         best = int(np.argmin(dist))
         if dist[best] > tolerance:
             return None
-        return closest[best]
+        return np.array(closest[best])
+
+    def _parallel_to(self, direction: np.ndarray) -> list[bool] | None:
+        """Whether each segment counts as a lane for a vehicle heading along ``direction``
+        (None: none does)."""
+        key = (float(direction[0]), float(direction[1]))
+        if key not in self._parallel:
+            cos = self.directions @ direction
+            ok = cos > 0.95
+            if self.allow_oncoming:
+                ok |= cos < -0.95
+            self._parallel[key] = ok.tolist() if ok.any() else None
+        return self._parallel[key]
+
+    def _cells_for(self, tolerance: float) -> dict[tuple[int, int], list[int]]:
+        """Grid cell -> the segments (in order) that may come within ``tolerance`` of a point in
+        it: those whose bounding box, grown by more than the tolerance, overlaps the cell."""
+        if tolerance not in self._cells:
+            reach = tolerance + _CELL_SLACK_M
+            first = np.floor((self._lo - reach) / _CELL_M).astype(int).tolist()
+            last = np.floor((self._hi + reach) / _CELL_M).astype(int).tolist()
+            cells: dict[tuple[int, int], list[int]] = {}
+            for k, ((i0, j0), (i1, j1)) in enumerate(zip(first, last, strict=True)):
+                for i in range(i0, i1 + 1):
+                    for j in range(j0, j1 + 1):
+                        cells.setdefault((i, j), []).append(k)
+            self._cells[tolerance] = cells
+        return self._cells[tolerance]
 
 
 @dataclass
@@ -149,23 +209,36 @@ class MetaState:
     max_speed: float
 
 
-def _offset_point(route: Route, s: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
-    """(2,) point ``offset`` metres left of the route at arc length ``s``, and the route's (2,) direction."""
+def _route_frame(route: Route, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The route at arc length ``s``: its (2,) point, (2,) direction and (2,) left normal."""
     heading = float(route.heading(s))
     direction = np.array([np.cos(heading), np.sin(heading)])
     normal = np.array([-direction[1], direction[0]])
-    return route.point(s) + offset * normal, direction
+    return route.point(s), direction, normal
+
+
+def _offset_point(route: Route, s: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
+    """(2,) point ``offset`` metres left of the route at arc length ``s``, and the route's (2,) direction."""
+    centre, direction, normal = _route_frame(route, s)
+    return centre + offset * normal, direction
+
+
+def snapped_offsets(
+    lanes: LaneMap, route: Route, s: float, offsets: tuple[float, ...], tolerance: float
+) -> list[float | None]:
+    """:func:`snapped_offset` of several offsets at the same arc length."""
+    centre, direction, normal = _route_frame(route, s)
+    out: list[float | None] = []
+    for offset in offsets:
+        snapped = lanes.snap(centre + offset * normal, direction, tolerance)
+        out.append(None if snapped is None else float((snapped - centre) @ normal))
+    return out
 
 
 def snapped_offset(lanes: LaneMap, route: Route, s: float, offset: float, tolerance: float) -> float | None:
     """Offset from ``route`` at arc length ``s`` of the lane nearest the point ``offset`` metres
     to its left, or None when no lane passes within ``tolerance`` of that point."""
-    point, direction = _offset_point(route, s, offset)
-    snapped = lanes.snap(point, direction, tolerance)
-    if snapped is None:
-        return None
-    normal = np.array([-direction[1], direction[0]])
-    return float((snapped - route.point(s)) @ normal)
+    return snapped_offsets(lanes, route, s, (offset,), tolerance)[0]
 
 
 def update_meta_state(
@@ -217,11 +290,8 @@ def meta_control(
 ) -> tuple[float, float]:
     """(acceleration m/s^2, steering rad) that track ``state`` from the vehicle's current state."""
     target, _ = _offset_point(route, s + float(lookahead_distance(speed)), state.target_offset)
-    steer = float(
-        pure_pursuit_steering(
-            np.array([x]), np.array([y]), np.array([yaw]), target[:1], target[1:], np.array([wheelbase])
-        )[0]
-    )
+    # on scalars: numpy's arithmetic, without building one-element arrays
+    steer = float(pure_pursuit_steering(x, y, yaw, target[0], target[1], wheelbase))
     accel = float(np.clip(config.speed_gain * (state.target_speed - speed), -MAX_BRAKE, MAX_ACCEL))
     return accel, steer
 

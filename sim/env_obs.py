@@ -56,6 +56,7 @@ __all__ = [
     "ObservationSource",
     "PerceptionObsConfig",
     "VisibleSource",
+    "frame_boxes",
     "make_source",
     "nearest_within",
     "sensor_pose",
@@ -165,6 +166,17 @@ class LinkTraffic:
     messages: int = 0
 
 
+def frame_boxes(frame: SceneFrame) -> np.ndarray:
+    """(M, 7) ``frame.boxes_world`` (the same values), built from all agents at once: the property
+    builds one box per agent, and the env asks for them several times a decision."""
+    if not frame.agents:
+        return np.zeros((0, 7))
+    T = np.stack([a.T_world_from_agent for a in frame.agents])  # (M, 4, 4)
+    extent = np.stack([a.extent for a in frame.agents])  # (M, 3)
+    yaw = np.arctan2(T[:, 1, 0], T[:, 0, 0])  # sim.geometry.yaw_of, as AgentState.box
+    return np.concatenate([T[:, :3, 3], extent, yaw[:, None]], axis=1).astype(np.float64, copy=False)
+
+
 def sensor_pose(frame: SceneFrame, index: int, mount_z: float) -> np.ndarray:
     """(4, 4) ``T_world_from_sensor`` of ``frame.agents[index]``: roof centre + ``mount_z``."""
     agent = frame.agents[index]
@@ -265,17 +277,25 @@ class VisibleSource:
         self._seed = 0
         self._seq: dict[int, int] = {}
         self._own: dict[int, np.ndarray] = {}
+        self._boxes_of: tuple[SceneFrame | None, np.ndarray] = (None, np.zeros((0, 7)))
 
     def reset(self, world, seed: int) -> None:
         self._caster = VisibilityCaster(world.static_geometry(), self.visibility)
         self._seed = int(seed)
         self._seq = {}
         self._own = {}
+        self._boxes_of = (None, np.zeros((0, 7)))
+
+    def _boxes(self, frame: SceneFrame) -> np.ndarray:
+        """(M, 7) world boxes of ``frame``, worked out once for sense() and known()."""
+        if self._boxes_of[0] is not frame:
+            self._boxes_of = (frame, frame_boxes(frame))
+        return self._boxes_of[1]
 
     def sense(self, frame: SceneFrame, observer_ids: Sequence[int]) -> list[tuple[int, bytes]]:
         assert self._caster is not None, "reset() first"
         ids = frame.agent_ids
-        boxes_world = frame.boxes_world
+        boxes_world = self._boxes(frame)
         index_of = {int(i): k for k, i in enumerate(ids)}
         sensing = frame.connected_ids if self.cooperative else [o for o in observer_ids if o in index_of]
         observers = np.array([index_of[s] for s in sensing], dtype=np.int64)
@@ -285,10 +305,11 @@ class VisibleSource:
             return []
         outgoing = []
         labels = np.array([_KIND_LABELS[a.kind] for a in frame.agents], dtype=np.int64)
+        noisy = not self.pose_noise.is_zero
         for k, sender in enumerate(sensing):
             T_true = sensor_pose(frame, int(observers[k]), self.visibility.mount_z)
             T_measured = T_true
-            if not self.pose_noise.is_zero:
+            if noisy:
                 rng = np.random.default_rng([self._seed, frame.frame, sender])
                 T_measured = self.pose_noise.apply(T_true, rng)
             mask = visible[k]
@@ -308,7 +329,7 @@ class VisibleSource:
     ) -> dict[int, np.ndarray]:
         ids = frame.agent_ids
         m = len(ids)
-        centres = frame.boxes_world[:, :2] if m else np.zeros((0, 2))
+        centres = self._boxes(frame)[:, :2] if m else np.zeros((0, 2))
         out = {}
         matches: dict[bytes, np.ndarray | None] = {}  # a broadcast reaches several receivers: decode once
         for observer in observer_ids:

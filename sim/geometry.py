@@ -155,6 +155,12 @@ def transform_boxes(T_b_from_a: np.ndarray, boxes_a: np.ndarray) -> np.ndarray:
     return out
 
 
+# box_corners' corner signs (half sizes along x, y; bottom or top)
+_CORNER_X = np.array([1, -1, -1, 1, 1, -1, -1, 1], dtype=np.float64) * 0.5
+_CORNER_Y = np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float64) * 0.5
+_CORNER_Z = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.float64)
+
+
 def box_corners(boxes: np.ndarray) -> np.ndarray:
     """Corners of (M, 7) bottom-centre boxes, shape (M, 8, 3).
 
@@ -162,16 +168,13 @@ def box_corners(boxes: np.ndarray) -> np.ndarray:
     (+dx/2, +dy/2), then the top face in the same order.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
-    sx = np.array([1, -1, -1, 1, 1, -1, -1, 1], dtype=np.float64) * 0.5
-    sy = np.array([1, 1, -1, -1, 1, 1, -1, -1], dtype=np.float64) * 0.5
-    sz = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=np.float64)
-    local = np.stack(
-        [boxes[:, None, 3] * sx, boxes[:, None, 4] * sy, boxes[:, None, 5] * sz], axis=-1
-    )  # (M, 8, 3)
-    c, s = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
-    x = c[:, None] * local[..., 0] - s[:, None] * local[..., 1]
-    y = s[:, None] * local[..., 0] + c[:, None] * local[..., 1]
-    return np.stack([x, y, local[..., 2]], axis=-1) + boxes[:, None, :3]
+    local_x = boxes[:, 3:4] * _CORNER_X  # (M, 8) in the box's frame
+    local_y = boxes[:, 4:5] * _CORNER_Y
+    local_z = boxes[:, 5:6] * _CORNER_Z
+    c, s = np.cos(boxes[:, 6:7]), np.sin(boxes[:, 6:7])
+    x = c * local_x - s * local_y
+    y = s * local_x + c * local_y
+    return np.stack([x, y, local_z], axis=-1) + boxes[:, None, :3]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,11 +12,18 @@ Hand-written rather than taken from a library: what is needed is three vectorise
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = ["Route", "arc", "line", "polyline"]
+
+# Queries this small run as Python loops over floats, which beat the array versions' fixed cost
+# of a handful of numpy calls each: point() / heading() of up to this many arc lengths, project()
+# of up to this many (point, segment) pairs
+_SCALAR_QUERIES = 8
+_SCALAR_PAIRS = 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,16 @@ class Route:
     """(K,) cumulative arc length at each vertex"""
     seg_dir: np.ndarray = field(init=False, repr=False)
     """(K-1, 2) unit direction of each segment"""
+    seg_heading: np.ndarray = field(init=False, repr=False)
+    """(K-1,) heading of each segment, radians"""
+    # The same vertices as Python floats: the env and the driver model ask about one or a few arc
+    # lengths or points at a time, many times a tick, where numpy's per-call cost dominates; the
+    # scalar paths below do numpy's arithmetic (np.interp's, the projection's) operation for
+    # operation, so both paths give the same bits.
+    _s: list[float] = field(init=False, repr=False, compare=False)
+    _heading: list[float] = field(init=False, repr=False, compare=False)
+    _xy: list[tuple[float, float]] = field(init=False, repr=False, compare=False)
+    _seg: list[tuple[float, float, float]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         xy = np.asarray(self.xy, dtype=np.float64)
@@ -61,6 +78,16 @@ class Route:
         object.__setattr__(self, "xy", xy)
         object.__setattr__(self, "s", np.concatenate([[0.0], np.cumsum(seg_len)]))
         object.__setattr__(self, "seg_dir", seg / seg_len[:, None])
+        object.__setattr__(self, "seg_heading", np.arctan2(self.seg_dir[:, 1], self.seg_dir[:, 0]))
+        object.__setattr__(self, "_s", self.s.tolist())
+        object.__setattr__(self, "_heading", self.seg_heading.tolist())
+        object.__setattr__(self, "_xy", [tuple(p) for p in xy.tolist()])
+        lengths = self.s[1:] - self.s[:-1]  # as project() measures them
+        object.__setattr__(
+            self,
+            "_seg",
+            [(dx, dy, n) for (dx, dy), n in zip(self.seg_dir.tolist(), lengths.tolist(), strict=True)],
+        )
 
     @property
     def length(self) -> float:
@@ -68,14 +95,40 @@ class Route:
 
     def point(self, s: np.ndarray | float) -> np.ndarray:
         """(..., 2) position at arc length(s) ``s``, clamped to the route."""
-        s = np.clip(np.asarray(s, dtype=np.float64), 0.0, self.length)
+        if isinstance(s, float) and s == s:  # a Python or numpy float, not NaN
+            return np.array(self._point_at(min(max(s, 0.0), self._s[-1])))
+        s = np.asarray(s, dtype=np.float64)
+        if s.size <= _SCALAR_QUERIES:
+            values = s.ravel().tolist()
+            if all(v == v for v in values):  # no NaN
+                length = self._s[-1]
+                points = [self._point_at(min(max(v, 0.0), length)) for v in values]
+                return np.array(points, dtype=np.float64).reshape(*s.shape, 2)
+        s = np.clip(s, 0.0, self.length)
         return np.stack([np.interp(s, self.s, self.xy[:, 0]), np.interp(s, self.s, self.xy[:, 1])], -1)
 
     def heading(self, s: np.ndarray | float) -> np.ndarray:
         """Heading (radians) of the segment containing arc length(s) ``s``."""
-        i = np.clip(np.searchsorted(self.s, np.asarray(s), side="right") - 1, 0, len(self.seg_dir) - 1)
-        d = self.seg_dir[i]
-        return np.arctan2(d[..., 1], d[..., 0])
+        last = len(self.seg_heading) - 1
+        if isinstance(s, float):
+            return self.seg_heading[min(max(bisect.bisect_right(self._s, s) - 1, 0), last)]
+        s = np.asarray(s)
+        if 0 < s.ndim and s.size <= _SCALAR_QUERIES:
+            headings = [
+                self._heading[min(max(bisect.bisect_right(self._s, v) - 1, 0), last)]
+                for v in s.ravel().tolist()
+            ]
+            return np.array(headings, dtype=np.float64).reshape(s.shape)
+        return self.seg_heading[np.clip(np.searchsorted(self.s, s, side="right") - 1, 0, last)]
+
+    def _point_at(self, s: float) -> tuple[float, float]:
+        """x, y at arc length ``s`` in [0, length]: np.interp's arithmetic on one value."""
+        j = bisect.bisect_right(self._s, s) - 1
+        if j == len(self._s) - 1 or self._s[j] == s:
+            return self._xy[j]
+        (x0, y0), (x1, y1) = self._xy[j], self._xy[j + 1]
+        ds, offset = self._s[j + 1] - self._s[j], s - self._s[j]
+        return (x1 - x0) / ds * offset + x0, (y1 - y0) / ds * offset + y0
 
     def project(
         self, xy: np.ndarray, s_range: tuple[float, float] | None = None
@@ -94,8 +147,14 @@ class Route:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         k0, k1 = 0, len(self.seg_dir)
         if s_range is not None:
-            k0 = int(np.clip(np.searchsorted(self.s, s_range[0], side="right") - 1, 0, k1 - 1))
-            k1 = int(np.clip(np.searchsorted(self.s, s_range[1], side="left"), k0 + 1, k1))
+            k0 = min(max(bisect.bisect_right(self._s, s_range[0]) - 1, 0), k1 - 1)
+            k1 = min(max(bisect.bisect_left(self._s, s_range[1]), k0 + 1), k1)
+        if len(xy) * (k1 - k0) <= _SCALAR_PAIRS:
+            projected = [self._project_one(x, y, k0, k1) for x, y in xy.tolist()]
+            return (
+                np.array([s for s, _ in projected], dtype=np.float64),
+                np.array([lateral for _, lateral in projected], dtype=np.float64),
+            )
         a = self.xy[k0:k1]  # (K, 2) segment starts
         seg_dir = self.seg_dir[k0:k1]
         seg_len = self.s[k0 + 1 : k1 + 1] - self.s[k0:k1]
@@ -110,6 +169,23 @@ class Route:
         r = rel[n, k]
         lateral = d[:, 0] * r[:, 1] - d[:, 1] * r[:, 0]
         return s, lateral
+
+    def _project_one(self, x: float, y: float, k0: int, k1: int) -> tuple[float, float]:
+        """project() of one point onto segments k0 .. k1 - 1 (arc length, lateral offset), the
+        same arithmetic in Python floats."""
+        best = (np.inf, -1, 0.0, 0.0, 0.0)  # squared distance, segment, t, offset from its start
+        for k in range(k0, k1):
+            ax, ay = self._xy[k]
+            dx, dy, length = self._seg[k]
+            rx, ry = x - ax, y - ay
+            t = min(max(rx * dx + ry * dy, 0.0), length)
+            ox, oy = rx - t * dx, ry - t * dy
+            dist2 = ox * ox + oy * oy
+            if dist2 < best[0] or best[1] < 0:  # the first of equals, as argmin
+                best = (dist2, k, t, rx, ry)
+        _, k, t, rx, ry = best
+        dx, dy, _ = self._seg[k]
+        return self._s[k] + t, dx * ry - dy * rx
 
 
 def line(start: tuple[float, float], end: tuple[float, float], step: float = 1.0) -> np.ndarray:

@@ -14,14 +14,17 @@ State lives in flat numpy arrays indexed by vehicle slot; ``SceneFrame`` is buil
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
+from sim.box_ops import bev_overlap
 from sim.dynamics import MAX_BRAKE, IDMParams, bicycle_step, idm_acceleration, pure_pursuit_steering
-from sim.geometry import T_from_xyz_yaw, transform_points
+from sim.geometry import transform_points
 from sim.lidar import LidarConfig, StaticGeometry, T_agent_from_lidar, cast_lidar, lidar_preset
 from sim.roads import GroundRaster, RoadLayout
+from sim.routes import Route
 from sim.scenarios import SCENARIOS, ScenarioParams, ScenarioSpec, build_scenario
 from sim.types import ActorKind, AgentState, LidarScan, Role, SceneFrame, Semantic, VehicleControl
 
@@ -50,10 +53,24 @@ class _Vehicles:
     ignore_signals: np.ndarray  # (N,) bool
     hold_until: np.ndarray  # (N,) seconds
     active: np.ndarray  # (N,) bool: False once a human vehicle has left the map
+    parked: np.ndarray  # (N,) bool
+    connected: np.ndarray  # (N,) bool
+    semantic: np.ndarray  # (N,) uint8 Semantic of each kind
 
     @property
     def wheelbase(self) -> np.ndarray:
         return 0.6 * self.extent[:, 0]
+
+
+@dataclass(frozen=True)
+class _RouteGroup:
+    """The vehicles that drive one route, fixed for an episode."""
+
+    route: Route
+    slots: np.ndarray  # (K,) int64, increasing
+    end_xy: np.ndarray  # (2,) the route's last vertex
+    end_cos: float  # its heading there, as a direction
+    end_sin: float
 
 
 def _static_geometry(layout: RoadLayout) -> StaticGeometry:
@@ -105,6 +122,7 @@ class EmbeddedWorld:
         self._static: StaticGeometry | None = None
         self._ground: GroundRaster | None = None
         self._v: _Vehicles | None = None
+        self._groups: list[_RouteGroup] = []
         self._seed = 0
         self._frame = 0
         self.sensors_enabled = True
@@ -120,8 +138,9 @@ class EmbeddedWorld:
         rng = np.random.default_rng(self._seed)
         self.spec = build_scenario(self.scenario, rng, self.params)
         self._static = _static_geometry(self.spec.layout)
-        self._ground = self.spec.layout.ground_raster()
+        self._ground = None  # rasterised on the first scan: worlds without sensors never need it
         self._v = self._spawn(self.spec)
+        self._groups = self._route_groups(self._v)
         self._frame = 0
         return self._observe(collisions=self._collisions())
 
@@ -137,7 +156,7 @@ class EmbeddedWorld:
             if v.roles[slot] is not Role.CONNECTED:
                 raise ValueError(f"agent {agent_id} is not a connected vehicle; only those take actions")
             accel[slot], steer[slot] = control.acceleration, control.steering
-        moving = v.active & np.array([r is not Role.PARKED for r in v.roles])
+        moving = v.active & ~v.parked
         nx, ny, nyaw, nspeed = bicycle_step(v.x, v.y, v.yaw, v.speed, accel, steer, v.wheelbase, self.dt)
         v.x = np.where(moving, nx, v.x)
         v.y = np.where(moving, ny, v.y)
@@ -162,11 +181,11 @@ class EmbeddedWorld:
         return self.spec.layout
 
     def _slot_of(self, agent_id: int) -> int:
-        assert self._v is not None
-        hits = np.flatnonzero((self._v.ids == agent_id) & self._v.active)
-        if len(hits) == 0:
+        v = self._v
+        assert v is not None
+        if not (0 <= agent_id < len(v.ids) and v.active[agent_id]):  # ids are slots (see _spawn)
             raise ValueError(f"no active agent with id {agent_id}")
-        return int(hits[0])
+        return int(agent_id)
 
     def _spawn(self, spec: ScenarioSpec) -> _Vehicles:
         n = len(spec.actors)
@@ -178,10 +197,11 @@ class EmbeddedWorld:
                 route = spec.layout.route(a.route)
                 x[i], y[i] = route.point(a.s)
                 yaw[i] = route.heading(a.s)
+        roles = [a.role for a in spec.actors]
         return _Vehicles(
             ids=np.arange(n, dtype=np.int64),
             kinds=[a.kind for a in spec.actors],
-            roles=[a.role for a in spec.actors],
+            roles=roles,
             extent=np.stack([a.extent for a in spec.actors]).astype(np.float64),
             x=x,
             y=y,
@@ -194,7 +214,27 @@ class EmbeddedWorld:
             ignore_signals=np.array([a.ignore_signals for a in spec.actors]),
             hold_until=np.array([a.hold_until for a in spec.actors], dtype=np.float64),
             active=np.ones(n, dtype=bool),
+            parked=np.array([r is Role.PARKED for r in roles], dtype=bool),
+            connected=np.array([r is Role.CONNECTED for r in roles], dtype=bool),
+            semantic=np.array([Semantic.of_kind(a.kind) for a in spec.actors], dtype=np.uint8),
         )
+
+    def _route_groups(self, v: _Vehicles) -> list[_RouteGroup]:
+        """Each route with vehicles on it (by name), and the vehicles, fixed for the episode."""
+        groups = []
+        for name in sorted({r for r in v.route if r is not None}):
+            route = self.layout.route(name)
+            heading = route.heading(route.length)
+            groups.append(
+                _RouteGroup(
+                    route=route,
+                    slots=np.array([i for i, r in enumerate(v.route) if r == name], dtype=np.int64),
+                    end_xy=route.xy[-1],
+                    end_cos=np.cos(heading),
+                    end_sin=np.sin(heading),
+                )
+            )
+        return groups
 
     def _signal_state(self, signal_id: int, t: float) -> str:
         assert self.spec is not None
@@ -211,75 +251,98 @@ class EmbeddedWorld:
         """
         v = self._v
         assert v is not None
-        n = len(v.ids)
-        gap = np.full(n, np.inf)
-        closing = np.zeros(n)
-        target = np.stack([v.x, v.y], axis=1)  # pure-pursuit targets; parked/inactive keep their place
-        xy = target.copy()
-        half_len, half_wid = v.extent[:, 0] / 2.0, v.extent[:, 1] / 2.0
-        on_road = v.active & np.array([r is not Role.PARKED for r in v.roles])
-        route_names = np.array([r or "" for r in v.route])
-        for name in sorted({r for r in v.route if r is not None}):
-            route = self.layout.route(name)
-            mine = np.flatnonzero((route_names == name) & on_road)
-            if len(mine) == 0:
-                continue
-            # everyone near this route's vehicles, in the route's coordinates, projected on the
-            # window of the route those vehicles can see (keeps the projection local and cheap)
-            dist = np.linalg.norm(xy[:, None, :] - xy[None, mine, :], axis=-1)  # (N, |mine|)
-            near = v.active & (dist.min(axis=1) < _LOOKAHEAD_M + 20.0)
-            window = (float(v.s[mine].min()) - 15.0, float(v.s[mine].max()) + _LOOKAHEAD_M + 15.0)
-            s_all = np.full(n, -np.inf)
-            lat_all = np.full(n, np.inf)
-            s_all[near], lat_all[near] = route.project(xy[near], s_range=window)
-            v.s[mine] = s_all[mine]
-            s_me = s_all[mine]
-
-            # leaders: vehicles ahead whose boxes overlap our corridor, (|mine|, N)
-            ahead = s_all[None, :] - s_me[:, None]
-            in_path = (
-                near[None, :]
-                & (ahead > 0.0)
-                & (ahead < _LOOKAHEAD_M)
-                & (np.abs(lat_all)[None, :] < half_wid[mine, None] + half_wid[None, :] + _LATERAL_MARGIN_M)
-            )
-            in_path[np.arange(len(mine)), mine] = False
-            gaps = np.where(in_path, ahead - half_len[mine, None] - half_len[None, :], np.inf)
-            leader = np.argmin(gaps, axis=1)
-            g = gaps[np.arange(len(mine)), leader]
-            along = np.cos(v.yaw[leader] - route.heading(np.clip(s_all[leader], 0.0, route.length)))
-            c = np.where(np.isfinite(g), v.speed[mine] - v.speed[leader] * along, 0.0)
-
-            def constrain(mask: np.ndarray, dist: np.ndarray, g=g, c=c, mine=mine) -> None:
-                """A virtual stopped obstacle ``dist`` ahead of the front bumper where ``mask``."""
-                take = mask & (dist < g)
-                g[take] = np.maximum(dist[take], 0.0)
-                c[take] = v.speed[mine][take]
-
-            front = s_me + half_len[mine]
-            for s_stop, signal_id in route.stop_lines:
-                state = self._signal_state(signal_id, t)
-                if state == "green":
-                    continue
-                dist_stop = s_stop - front
-                stop = (dist_stop >= -0.5) & ~v.ignore_signals[mine]
-                if state == "yellow":  # go on when stopping needs more than comfortable braking
-                    needed = v.speed[mine] ** 2 / (2.0 * np.maximum(dist_stop, 0.1))
-                    stop &= needed <= self.idm.comfortable_brake
-                constrain(stop, dist_stop)
-            if route.merge is not None:
-                constrain(self._merge_blocked(route, mine, s_me, xy), route.merge[2] - front)
-            connected = np.array([v.roles[i] is Role.CONNECTED for i in mine])
-            constrain(connected, route.length - front)  # connected vehicles stop at their route's end
-
-            gap[mine], closing[mine] = g, c
-            lookahead = np.clip(0.9 * v.speed[mine] + 3.0, 4.0, 25.0)
-            target[mine] = route.point(s_me + lookahead)
-
+        on_road = v.active & ~v.parked
+        gap, closing, target = self._constraints(t, on_road)
         accel = idm_acceleration(v.speed, v.desired_speed, gap, closing, self.idm)
         accel = np.where(t < v.hold_until, -MAX_BRAKE, accel)
         steer = pure_pursuit_steering(v.x, v.y, v.yaw, target[:, 0], target[:, 1], v.wheelbase)
         return np.where(on_road, accel, 0.0), np.where(on_road, steer, 0.0)
+
+    def _constraints(self, t: float, on_road: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The driver model's nearest constraint ahead of every vehicle on a route, (N,) gap and
+        closing speed (inf and 0 without one), and its (N, 2) pure-pursuit target."""
+        v = self._v
+        n = len(v.ids)
+        gap = np.full(n, np.inf)
+        closing = np.zeros(n)
+        xy = np.stack([v.x, v.y], axis=1)
+        target = xy.copy()  # pure-pursuit targets; parked/inactive keep their place
+        half_len, half_wid = v.extent[:, 0] / 2.0, v.extent[:, 1] / 2.0
+        routes = [(g.route, g.slots[on_road[g.slots]]) for g in self._groups]
+        routes = [(route, mine) for route, mine in routes if len(mine)]
+        if not routes:
+            return gap, closing, target
+        dist = np.linalg.norm(xy[:, None, :] - xy[None, :, :], axis=-1)  # (N, N) centre distances
+        # Every route's vehicles and everyone near them, in the route's coordinates (row r of
+        # s_all / lat_all), projected on the window of the route those vehicles can see (keeps
+        # the projection local and cheap); -inf / inf for the others.
+        s_all = np.full((len(routes), n), -np.inf)
+        lat_all = np.full((len(routes), n), np.inf)
+        near = np.zeros((len(routes), n), dtype=bool)
+        for r, (route, mine) in enumerate(routes):
+            near[r] = v.active & (dist[:, mine].min(axis=1) < _LOOKAHEAD_M + 20.0)
+            window = (float(v.s[mine].min()) - 15.0, float(v.s[mine].max()) + _LOOKAHEAD_M + 15.0)
+            s_all[r, near[r]], lat_all[r, near[r]] = route.project(xy[near[r]], s_range=window)
+
+        # From here on every vehicle on a route at once, route by route: row k is vehicle mine[k]
+        # on route r_of[k] (rows[r] are route r's), seeing everyone in that route's coordinates.
+        mine = np.concatenate([m for _, m in routes])  # (K,)
+        bounds = np.cumsum([0] + [len(m) for _, m in routes])
+        rows = [slice(a, b) for a, b in itertools.pairwise(bounds.tolist())]
+        r_of = np.repeat(np.arange(len(routes)), np.diff(bounds))
+        s_me = s_all[r_of, mine]
+        v.s[mine] = s_me
+
+        # leaders: vehicles ahead whose boxes overlap our corridor, (K, N)
+        ahead = s_all[r_of] - s_me[:, None]
+        in_path = (
+            near[r_of]
+            & (ahead > 0.0)
+            & (ahead < _LOOKAHEAD_M)
+            & (np.abs(lat_all[r_of]) < half_wid[mine, None] + half_wid[None, :] + _LATERAL_MARGIN_M)
+        )
+        in_path[np.arange(len(mine)), mine] = False
+        gaps = np.where(in_path, ahead - half_len[mine, None] - half_len[None, :], np.inf)
+        leader = np.argmin(gaps, axis=1)
+        g = gaps[np.arange(len(mine)), leader]
+        length = np.array([route.length for route, _ in routes])[r_of]
+        s_leader = np.clip(s_all[r_of, leader], 0.0, length)
+        heading = np.concatenate(
+            [route.heading(s_leader[k]) for (route, _), k in zip(routes, rows, strict=True)]
+        )
+        along = np.cos(v.yaw[leader] - heading)
+        c = np.where(np.isfinite(g), v.speed[mine] - v.speed[leader] * along, 0.0)
+        front = s_me + half_len[mine]
+
+        def constrain(k: slice, mask: np.ndarray, dist: np.ndarray) -> None:
+            """A virtual stopped obstacle ``dist`` ahead of the front bumper of rows ``k`` where ``mask``."""
+            g_k, c_k = g[k], c[k]  # views: the assignments below write into g and c
+            take = mask & (dist < g_k)
+            g_k[take] = np.maximum(dist[take], 0.0)
+            c_k[take] = v.speed[mine[k]][take]
+
+        for (route, route_mine), k in zip(routes, rows, strict=True):
+            for s_stop, signal_id in route.stop_lines:
+                state = self._signal_state(signal_id, t)
+                if state == "green":
+                    continue
+                dist_stop = s_stop - front[k]
+                stop = (dist_stop >= -0.5) & ~v.ignore_signals[route_mine]
+                if state == "yellow":  # go on when stopping needs more than comfortable braking
+                    needed = v.speed[route_mine] ** 2 / (2.0 * np.maximum(dist_stop, 0.1))
+                    stop &= needed <= self.idm.comfortable_brake
+                constrain(k, stop, dist_stop)
+            if route.merge is not None:
+                constrain(k, self._merge_blocked(route, route_mine, s_me[k], xy), route.merge[2] - front[k])
+        everyone = slice(None)
+        constrain(everyone, v.connected[mine], length - front)  # connected vehicles stop at their route's end
+
+        gap[mine], closing[mine] = g, c
+        lookahead = np.clip(0.9 * v.speed[mine] + 3.0, 4.0, 25.0)
+        s_target = s_me + lookahead
+        for (route, route_mine), k in zip(routes, rows, strict=True):
+            target[route_mine] = route.point(s_target[k])
+        return gap, closing, target
 
     def _merge_blocked(self, route, mine: np.ndarray, s_me: np.ndarray, xy: np.ndarray) -> np.ndarray:
         """(|mine|,) True for ramp vehicles near the merge whose target lane has no gap beside them.
@@ -297,25 +360,22 @@ class EmbeddedWorld:
         s_target, lat_target = target.project(xy)
         on_target = v.active & (np.abs(lat_target) < 1.5)
         lag = np.maximum(10.0, 1.5 * v.speed) + v.extent[:, 0]
-        for k in np.flatnonzero(zone):
-            i = mine[k]
-            rel = s_target - s_target[i]
-            others = on_target.copy()
-            others[i] = False
-            blocked[k] = bool(np.any(others & (rel > -lag) & (rel < 10.0 + v.extent[i, 0])))
+        merging = mine[zone]  # (Z,) slots
+        rel = s_target[None, :] - s_target[merging, None]  # (Z, N) ahead of each merging vehicle
+        others = on_target[None, :] & (np.arange(len(v.ids))[None, :] != merging[:, None])
+        beside = others & (rel > -lag[None, :]) & (rel < 10.0 + v.extent[merging, 0][:, None])
+        blocked[zone] = beside.any(axis=1)
         return blocked
 
     def _retire_finished(self) -> None:
         """Human vehicles that have driven off the end of their route leave the world."""
         v = self._v
-        for i in np.flatnonzero(v.active):
-            if v.roles[i] is Role.HUMAN and v.route[i] is not None:
-                route = self.layout.route(v.route[i])
-                end = route.xy[-1]
-                heading = route.heading(route.length)
-                past = (v.x[i] - end[0]) * np.cos(heading) + (v.y[i] - end[1]) * np.sin(heading)
-                if past > 0.0:
-                    v.active[i] = False
+        human = v.active & ~v.connected & ~v.parked
+        for group in self._groups:
+            slots = group.slots[human[group.slots]]
+            end_x, end_y = group.end_xy
+            past = (v.x[slots] - end_x) * group.end_cos + (v.y[slots] - end_y) * group.end_sin
+            v.active[slots[past > 0.0]] = False
 
     def _boxes(self) -> tuple[np.ndarray, np.ndarray]:
         """(M, 7) world boxes and (M,) slots of the active vehicles."""
@@ -327,22 +387,20 @@ class EmbeddedWorld:
         return boxes, slots
 
     def _collisions(self) -> list[tuple[int, int]]:
-        """Pairs of vehicle ids whose boxes overlap (BEV), through mmcv's rotated IoU."""
-        from sim.box_ops import bev_iou
-
+        """Pairs of vehicle ids whose boxes overlap (BEV): footprints that intersect with a
+        positive area (:func:`sim.box_ops.bev_overlap`), among those whose circles meet."""
         boxes, slots = self._boxes()
         if len(slots) < 2:
             return []
         centres = boxes[:, :2]
         reach = np.hypot(boxes[:, 3], boxes[:, 4]) / 2.0
         close = np.linalg.norm(centres[:, None] - centres[None], axis=-1) < reach[:, None] + reach[None]
-        np.fill_diagonal(close, False)
-        if not close.any():
+        a, b = np.nonzero(np.triu(close, k=1))
+        if len(a) == 0:
             return []
-        iou = bev_iou(boxes, boxes)
-        pairs = np.argwhere(np.triu(close & (iou > 0.0), k=1))
+        overlap = bev_overlap(boxes[a], boxes[b])
         ids = self._v.ids[slots]
-        return sorted((int(ids[a]), int(ids[b])) for a, b in pairs)
+        return sorted((int(ids[i]), int(ids[j])) for i, j in zip(a[overlap], b[overlap], strict=True))
 
     def scan_agent(
         self,
@@ -363,7 +421,9 @@ class EmbeddedWorld:
             lidar: another sensor to cast with (the perception source casts the one its model was
                 trained on).
         """
-        assert self._static is not None and self._ground is not None, "reset() first"
+        assert self._static is not None and self.spec is not None, "reset() first"
+        if self._ground is None:
+            self._ground = self.spec.layout.ground_raster()
         lidar = lidar or self.lidar
         T_world_from_sensor = agent.T_world_from_agent @ T_agent_from_lidar(lidar, agent.extent[2])
         rng = np.random.default_rng([self._seed, self._frame, agent.id])
@@ -388,29 +448,41 @@ class EmbeddedWorld:
         v = self._v
         boxes, slots = self._boxes()
         ids = v.ids[slots]
-        semantic = np.array([Semantic.of_kind(v.kinds[s]) for s in slots], dtype=np.uint8)
+        # every agent's pose (T_from_xyz_yaw), velocity and extent at once, one row each
+        yaw, speed = v.yaw[slots], v.speed[slots]
+        c, s = np.cos(yaw), np.sin(yaw)
+        T = np.zeros((len(slots), 4, 4))
+        T[:, 0, 0], T[:, 0, 1], T[:, 0, 3] = c, -s, v.x[slots]
+        T[:, 1, 0], T[:, 1, 1], T[:, 1, 3] = s, c, v.y[slots]
+        T[:, 2, 2] = T[:, 3, 3] = 1.0
+        velocity = np.stack([speed * c, speed * s, np.zeros(len(slots))], axis=1)
+        extent = v.extent[slots]
         agents = [
             AgentState(
-                id=int(v.ids[s]),
-                kind=v.kinds[s],
-                role=v.roles[s],
-                T_world_from_agent=T_from_xyz_yaw(v.x[s], v.y[s], 0.0, v.yaw[s]),
-                velocity=np.array([v.speed[s] * np.cos(v.yaw[s]), v.speed[s] * np.sin(v.yaw[s]), 0.0]),
-                extent=v.extent[s].copy(),
-                steering=float(v.steering[s]),
+                id=agent_id,
+                kind=v.kinds[slot],
+                role=v.roles[slot],
+                T_world_from_agent=T[k],
+                velocity=velocity[k],
+                extent=extent[k],
+                steering=steering,
             )
-            for s in slots
+            for k, (agent_id, slot, steering) in enumerate(
+                zip(ids.tolist(), slots.tolist(), v.steering[slots].tolist(), strict=True)
+            )
         ]
         scans: dict[int, LidarScan] = {}
         points_in_box: dict[int, np.ndarray] = {}
-        for agent in agents:
-            if not agent.connected or not self.sensors_enabled:
-                continue
-            scan = self.scan_agent(agent, boxes, ids, semantic)
-            scans[agent.id] = scan
-            # visibility: how many of this scan's points hit each agent
-            per_id = np.bincount(scan.instance_id + 1, minlength=int(ids.max()) + 2)[1:]  # slot 0: id -1
-            points_in_box[agent.id] = per_id[ids].astype(np.int32)
+        if self.sensors_enabled:
+            semantic = v.semantic[slots]
+            for agent in agents:
+                if not agent.connected:
+                    continue
+                scan = self.scan_agent(agent, boxes, ids, semantic)
+                scans[agent.id] = scan
+                # visibility: how many of this scan's points hit each agent
+                per_id = np.bincount(scan.instance_id + 1, minlength=int(ids.max()) + 2)[1:]  # slot 0: id -1
+                points_in_box[agent.id] = per_id[ids].astype(np.int32)
         t = self._frame * self.dt
         assert self.spec is not None
         hidden = tuple(int(i) for i in self.spec.hidden_indices if v.active[i])

@@ -14,6 +14,7 @@ from sim import box_ops
 from sim.box_ops import (
     bev_intersection_area,
     bev_iou,
+    bev_overlap,
     count_points_in_boxes,
     iou_3d,
     nms_bev,
@@ -207,8 +208,18 @@ def test_points_in_boxes_torch_fallback_matches_mmcv(seed: int) -> None:
     axis_aligned = np.array([[1.0, -2.0, -1.0, 4.0, 2.0, 1.5, 0.0], [-3.0, 3.0, 0.0, 2.0, 2.0, 2.0, 0.0]])
     boxes = np.concatenate([boxes, axis_aligned]).astype(np.float32)
     on_faces = np.array(
-        [[3.0, -2.0, -0.5], [-1.0, -2.0, -0.5], [1.0, -1.0, -0.5], [1.0, -2.0, -1.0], [1.0, -2.0, 0.5],
-         [-3.0, 4.0, 1.0], [-2.0, 3.0, 1.0], [-3.0, 3.0, 0.0], [-3.0, 3.0, 2.0], [-3.0, 3.0, 2.0001]],
+        [
+            [3.0, -2.0, -0.5],
+            [-1.0, -2.0, -0.5],
+            [1.0, -1.0, -0.5],
+            [1.0, -2.0, -1.0],
+            [1.0, -2.0, 0.5],
+            [-3.0, 4.0, 1.0],
+            [-2.0, 3.0, 1.0],
+            [-3.0, 3.0, 0.0],
+            [-3.0, 3.0, 2.0],
+            [-3.0, 3.0, 2.0001],
+        ],
         dtype=np.float32,
     )
     points = np.concatenate([rng.uniform(-8.0, 8.0, (3000, 3)).astype(np.float32), on_faces])
@@ -265,6 +276,39 @@ def test_bev_iou_hand_cases() -> None:
     b180[0, 6] = np.pi
     assert bev_iou(b, b180)[0, 0] == pytest.approx(1.0, abs=1e-12)
     assert bev_intersection_area(b, b90)[0, 0] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bev_overlap_agrees_with_the_exact_intersection_area(seed: int) -> None:
+    """The separating-axis shortcut must give the same answer as clipping, including for boxes
+    that touch along an edge, nearly touch, or sit a hair inside each other."""
+    rng = np.random.default_rng(seed)
+    n = 2000
+    a = np.column_stack(
+        [
+            rng.uniform(-50, 50, (n, 2)),
+            np.zeros(n),
+            rng.uniform(1, 12, (n, 2)),
+            np.ones(n),
+            rng.uniform(-np.pi, np.pi, n),
+        ]
+    )
+    b = a.copy()
+    heading = np.column_stack([np.cos(a[:, 6]), np.sin(a[:, 6])])
+    # b sits ahead of a along a's heading with a bumper gap of -1 cm .. +1 cm; a third are random
+    gap = rng.choice([-1e-2, -1e-7, 0.0, 1e-7, 1e-2], n)
+    b[:, 3] = rng.uniform(1, 12, n)
+    b[:, :2] = a[:, :2] + heading * ((a[:, 3] + b[:, 3]) / 2 + gap)[:, None]
+    loose = rng.uniform(size=n) < 1 / 3
+    b[loose, :2] = a[loose, :2] + rng.uniform(-8, 8, (loose.sum(), 2))
+    b[loose, 6] = rng.uniform(-np.pi, np.pi, loose.sum())
+    exact = np.array([bev_intersection_area(a[i : i + 1], b[i : i + 1])[0, 0] > 0.0 for i in range(n)])
+    fast = bev_overlap(a, b)
+    assert fast.dtype == bool and fast.shape == (n,)
+    assert np.array_equal(fast, exact)
+    assert 0 < exact.sum() < n  # both answers occur
+    with pytest.raises(ValueError, match="pair up"):
+        bev_overlap(a[:3], b[:2])
 
 
 def test_bev_iou_angle_sign() -> None:
