@@ -178,7 +178,7 @@ class ScenarioTask:
 
 SCENARIO_TASKS: dict[str, ScenarioTask] = {
     "overtaking": ScenarioTask(goal_m=110.0, episode_s=13.5, controlled="ego"),
-    "left_turn": ScenarioTask(goal_m=40.0, episode_s=5.0, controlled="ego"),
+    "left_turn": ScenarioTask(goal_m=40.0, episode_s=7.0, controlled="ego"),
     "red_light": ScenarioTask(goal_m=55.0, episode_s=5.4, controlled="ego"),
     "merge": ScenarioTask(goal_m=220.0, episode_s=12.0, controlled="all"),
     "random_traffic": ScenarioTask(goal_m=60.0, episode_s=15.0, controlled="all"),
@@ -1169,7 +1169,7 @@ class CoopDrivingEnv(ParallelEnv):
         normal = np.stack([-np.sin(heading), np.cos(heading)], axis=1)  # (P, 2) to the left
         path_xy = tr.route.point(s) + tr.meta.target_offset * normal
         conflict = first_conflict(path_xy, path_s, float(tr.extent[1]), boxes, velocities)
-        return conflict_features(conflict, me.speed, tr.meta.max_speed, length)
+        return conflict_features(conflict, me.speed, tr.meta.max_speed, length, tr.route, tr.s)
 
     def _passing(self, tr: _Track, me, boxes: np.ndarray, velocities: np.ndarray) -> Passing:
         """:func:`sim.env_passing.passing_situation` of the agent with the known vehicles, (K, 7)

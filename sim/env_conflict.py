@@ -9,8 +9,9 @@ distance). :func:`first_conflict` computes them once, as highway-env's time-to-c
 observation does for lanes, so that the env can hand them to the policy as a few ego features
 (``EnvConfig.conflict_features``), together with the comparison itself, as two predicted
 post-encroachment times (PET, the surrogate safety measure of traffic engineering) for an ego
-that drives at full speed from now (:func:`sim.scenarios.fastest_arrival_s`, the model the
-scenarios time their hidden vehicles with):
+that drives at full speed from now, slowing only for the curves of its route
+(:func:`sim.scenarios.fastest_arrivals_on_route_s`, the model the scenarios time their hidden
+vehicles with):
 
 - *go first*: the other vehicle's arrival minus the moment the ego's rear leaves the crossing;
   positive when going now clears it before the other vehicle comes;
@@ -36,7 +37,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sim.scenarios import fastest_arrival_s
+from sim.routes import Route
+from sim.scenarios import fastest_arrival_s, fastest_arrivals_on_route_s
 
 __all__ = ["CONFLICT_FEATURES", "MARGIN_NORM_S", "Conflict", "conflict_features", "first_conflict"]
 
@@ -162,24 +164,35 @@ def first_conflict(
 
 
 def conflict_features(
-    conflict: Conflict | None, ego_speed: float, max_speed: float, ego_length: float
+    conflict: Conflict | None,
+    ego_speed: float,
+    max_speed: float,
+    ego_length: float,
+    route: Route | None = None,
+    s: float = 0.0,
 ) -> np.ndarray:
     """(6,) ``CONFLICT_FEATURES``: a presence flag, the ego's distance to the conflict / 50 m
     (clipped to [-1, 1]), the other vehicle's arrival and clearing times / 5 s (clipped to
-    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring; go-after also against
-    ``conflict.following``) / ``MARGIN_NORM_S``, clipped
-    to [-2, 2], for an ego at ``ego_speed`` now pressing on up to ``max_speed`` whose rear is
-    ``ego_length`` behind its front; without a conflict ``[0, 1, 2, 2, 2, 2]`` (far away, late,
-    nothing in the way)."""
+    [-2, 2] and [0, 2]), and the go-first and go-after margins (module docstring; go-after also
+    against ``conflict.following``) / ``MARGIN_NORM_S``, clipped to [-2, 2], for an ego at
+    ``ego_speed`` now pressing on up to ``max_speed`` whose rear is ``ego_length`` behind its
+    front; given its ``route`` and (centre) arc length ``s`` on it, also slowing for the curves on
+    the way (:func:`sim.scenarios.fastest_arrivals_on_route_s`). Without a conflict
+    ``[0, 1, 2, 2, 2, 2]`` (far away, late, nothing in the way)."""
     if conflict is None:
         return np.array([0.0, 1.0, _TIME_CLIP, _TIME_CLIP, _MARGIN_CLIP, _MARGIN_CLIP])
-    ego_arrival = fastest_arrival_s(max(conflict.distance_m, 0.0), ego_speed, max_speed)
-    ego_clear = fastest_arrival_s(max(conflict.exit_m + ego_length, 0.0), ego_speed, max_speed)
-    go_after = ego_arrival - conflict.clear_s
     nxt = conflict.following
+    distances = [max(conflict.distance_m, 0.0), max(conflict.exit_m + ego_length, 0.0)]
+    if nxt is not None:
+        distances.append(max(nxt.exit_m + ego_length, 0.0))
+    if route is None:
+        times = [fastest_arrival_s(d, ego_speed, max_speed) for d in distances]
+    else:
+        times = fastest_arrivals_on_route_s(route, s, distances, ego_speed, max_speed)
+    ego_arrival, ego_clear = times[0], times[1]
+    go_after = ego_arrival - conflict.clear_s
     if nxt is not None:  # going after the first vehicle means going before the next one
-        next_clear = fastest_arrival_s(max(nxt.exit_m + ego_length, 0.0), ego_speed, max_speed)
-        go_after = min(go_after, nxt.arrival_s - next_clear)
+        go_after = min(go_after, nxt.arrival_s - times[2])
     return np.array(
         [
             1.0,

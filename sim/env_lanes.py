@@ -5,7 +5,10 @@ set two targets that a low-level controller tracks every tick:
 
 - a **target speed**, moved by ``speed_step`` per FASTER / SLOWER within ``[0, max_speed]``, held
   by a proportional speed controller (acceleration = gain x speed error, clipped to the
-  vehicle's limits);
+  vehicle's limits) up to the own route's curve speed (:meth:`sim.routes.Route.curve_speed`:
+  the controller slows down for a turn as a driver would, whatever the target). The curve speed
+  is read one time constant of the speed controller (1 / gain) ahead: a proportional controller
+  lags a falling speed by deceleration / gain, which the anticipation makes up for;
 - a **target lateral offset** from the vehicle's own route (metres, positive = left, as routes
   run in the direction of travel with right-hand traffic). A lane change moves it by one lane
   width, but only onto a lane that exists there: a lane is a route centreline parallel to the
@@ -292,7 +295,8 @@ def meta_control(
     target, _ = _offset_point(route, s + float(lookahead_distance(speed)), state.target_offset)
     # on scalars: numpy's arithmetic, without building one-element arrays
     steer = float(pure_pursuit_steering(x, y, yaw, target[0], target[1], wheelbase))
-    accel = float(np.clip(config.speed_gain * (state.target_speed - speed), -MAX_BRAKE, MAX_ACCEL))
+    target_speed = min(state.target_speed, route.curve_speed(float(s + speed / config.speed_gain)))
+    accel = float(np.clip(config.speed_gain * (target_speed - speed), -MAX_BRAKE, MAX_ACCEL))
     return accel, steer
 
 
@@ -338,7 +342,8 @@ def plan_meta_trajectory(
         heading = route.heading(s_ahead)
         target = route.point(s_ahead) + offsets[:, None] * np.stack([-np.sin(heading), np.cos(heading)], 1)
         steer = pure_pursuit_steering(xs, ys, yaws, target[:, 0], target[:, 1], wheelbases)
-        accel = np.clip(config.speed_gain * (v_target - speeds), -MAX_BRAKE, MAX_ACCEL)
+        v_cap = np.minimum(v_target, route.curve_speed(s_now + speeds / config.speed_gain))
+        accel = np.clip(config.speed_gain * (v_cap - speeds), -MAX_BRAKE, MAX_ACCEL)
         nx, ny, yaws, speeds = bicycle_step(xs, ys, yaws, speeds, accel, steer, wheelbases, dt)
         s_now = s_now + np.hypot(nx - xs, ny - ys)
         xs, ys = nx, ny

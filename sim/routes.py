@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Route", "arc", "line", "polyline"]
+__all__ = ["CURVE_APPROACH_DECEL", "CURVE_LATERAL_ACCEL", "Route", "arc", "line", "polyline"]
+
+CURVE_LATERAL_ACCEL = 4.0
+"""m/s^2: the lateral acceleration drivers accept in a curve; a 10.75 m-radius left turn is
+taken at up to sqrt(4.0 x 10.75) = 6.6 m/s (24 km/h), a 5.25 m-radius right turn at 4.6 m/s"""
+CURVE_APPROACH_DECEL = 2.0
+"""m/s^2: the deceleration with which drivers slow down ahead of a curve (IDM's comfortable braking)"""
+_NO_CURVE_SPEED = 60.0  # m/s: the curve speed of straight stretches, above any speed limit
 
 # Queries this small run as Python loops over floats, which beat the array versions' fixed cost
 # of a handful of numpy calls each: point() / heading() of up to this many arc lengths, project()
@@ -51,12 +58,15 @@ class Route:
     """(K-1, 2) unit direction of each segment"""
     seg_heading: np.ndarray = field(init=False, repr=False)
     """(K-1,) heading of each segment, radians"""
+    curve_speed_sq: np.ndarray = field(init=False, repr=False)
+    """(K,) square of the curve speed at each vertex (:meth:`curve_speed`), m^2/s^2"""
     # The same vertices as Python floats: the env and the driver model ask about one or a few arc
     # lengths or points at a time, many times a tick, where numpy's per-call cost dominates; the
     # scalar paths below do numpy's arithmetic (np.interp's, the projection's) operation for
     # operation, so both paths give the same bits.
     _s: list[float] = field(init=False, repr=False, compare=False)
     _heading: list[float] = field(init=False, repr=False, compare=False)
+    _curve_sq: list[float] = field(init=False, repr=False, compare=False)
     _xy: list[tuple[float, float]] = field(init=False, repr=False, compare=False)
     _seg: list[tuple[float, float, float]] = field(init=False, repr=False, compare=False)
 
@@ -79,6 +89,8 @@ class Route:
         object.__setattr__(self, "s", np.concatenate([[0.0], np.cumsum(seg_len)]))
         object.__setattr__(self, "seg_dir", seg / seg_len[:, None])
         object.__setattr__(self, "seg_heading", np.arctan2(self.seg_dir[:, 1], self.seg_dir[:, 0]))
+        object.__setattr__(self, "curve_speed_sq", _curve_speed_profile_sq(self.s, self.seg_heading))
+        object.__setattr__(self, "_curve_sq", self.curve_speed_sq.tolist())
         object.__setattr__(self, "_s", self.s.tolist())
         object.__setattr__(self, "_heading", self.seg_heading.tolist())
         object.__setattr__(self, "_xy", [tuple(p) for p in xy.tolist()])
@@ -120,6 +132,33 @@ class Route:
             ]
             return np.array(headings, dtype=np.float64).reshape(s.shape)
         return self.seg_heading[np.clip(np.searchsorted(self.s, s, side="right") - 1, 0, last)]
+
+    def curve_speed(self, s: np.ndarray | float) -> np.ndarray | float:
+        """The highest speed (m/s) at arc length(s) ``s`` that keeps the lateral acceleration in
+        the curves ahead within ``CURVE_LATERAL_ACCEL`` when braking for them at
+        ``CURVE_APPROACH_DECEL``; ``_NO_CURVE_SPEED`` (60 m/s) where no curve is near. A float
+        for a float ``s``.
+
+        Linear in the square of the speed between vertices, which is exact for the constant
+        deceleration of the approach to a curve.
+        """
+        if isinstance(s, float):
+            s = min(max(s, 0.0), self._s[-1])
+            j = bisect.bisect_right(self._s, s) - 1
+            if j == len(self._s) - 1:
+                return self._curve_sq[j] ** 0.5
+            v0, v1 = self._curve_sq[j], self._curve_sq[j + 1]
+            return (v0 + (v1 - v0) * (s - self._s[j]) / (self._s[j + 1] - self._s[j])) ** 0.5
+        s = np.clip(np.asarray(s, dtype=np.float64), 0.0, self.length)
+        return np.sqrt(np.interp(s, self.s, self.curve_speed_sq))
+
+    def min_curve_speed(self, s_from: float, s_to: float) -> float:
+        """The lowest :meth:`curve_speed` (m/s) between two arc lengths."""
+        lo = min(max(bisect.bisect_right(self._s, s_from), 0), len(self._s) - 1)
+        hi = min(max(bisect.bisect_left(self._s, s_to), lo), len(self._s) - 1)
+        ends = (self.curve_speed(float(s_from)), self.curve_speed(float(s_to)))
+        inner = min(self._curve_sq[lo:hi], default=np.inf) ** 0.5
+        return float(min(*ends, inner))
 
     def _point_at(self, s: float) -> tuple[float, float]:
         """x, y at arc length ``s`` in [0, length]: np.interp's arithmetic on one value."""
@@ -186,6 +225,28 @@ class Route:
         _, k, t, rx, ry = best
         dx, dy, _ = self._seg[k]
         return self._s[k] + t, dx * ry - dy * rx
+
+
+def _curve_speed_profile_sq(s: np.ndarray, seg_heading: np.ndarray) -> np.ndarray:
+    """(K,) squared curve speed at each of K vertices with arc lengths ``s`` (K,), from the
+    (K-1,) segment headings.
+
+    A vertex's curvature is the turn of the heading across it over the mean length of its two
+    segments (exact on the densely sampled arcs; a kink between long straight segments, such as
+    a lane taper, reads as a wide curve); the speed there is sqrt(``CURVE_LATERAL_ACCEL`` /
+    curvature). A backward pass then lets each vertex be at most as fast as a driver braking at
+    ``CURVE_APPROACH_DECEL`` can be to meet the next one's speed.
+    """
+    v_sq = np.full(len(s), _NO_CURVE_SPEED**2)
+    if len(seg_heading) > 1:
+        turn = np.abs(np.angle(np.exp(1j * np.diff(seg_heading))))  # (K-2,) wrapped heading change
+        seg_len = np.diff(s)
+        curvature = turn / (0.5 * (seg_len[:-1] + seg_len[1:]))
+        with np.errstate(divide="ignore"):
+            v_sq[1:-1] = np.minimum(v_sq[1:-1], CURVE_LATERAL_ACCEL / curvature)
+        for k in range(len(s) - 2, -1, -1):
+            v_sq[k] = min(v_sq[k], v_sq[k + 1] + 2.0 * CURVE_APPROACH_DECEL * (s[k + 1] - s[k]))
+    return v_sq
 
 
 def line(start: tuple[float, float], end: tuple[float, float], step: float = 1.0) -> np.ndarray:

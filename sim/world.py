@@ -31,6 +31,7 @@ from sim.types import ActorKind, AgentState, LidarScan, Role, SceneFrame, Semant
 __all__ = ["EmbeddedWorld", "make_world"]
 
 _LOOKAHEAD_M = 80.0  # how far ahead drivers look for leaders
+_CURVE_SPEED_GAIN = 1.5  # 1/s: how fast drivers match the curve speed (the env controller's gain)
 _LATERAL_MARGIN_M = 0.3  # extra lateral clearance when deciding who is in one's path
 
 
@@ -247,13 +248,21 @@ class EmbeddedWorld:
         box overlaps their corridor, the stop line of a signal that is not green (on yellow only
         if they can stop comfortably), the end of an on-ramp without a gap beside it, and for
         connected vehicles the end of their route. IDM turns the nearest one into an
-        acceleration; pure pursuit on a speed-dependent look-ahead point gives the steering.
+        acceleration, capped to track the route's curve speed; pure pursuit on a speed-dependent look-ahead point gives the steering.
         """
         v = self._v
         assert v is not None
         on_road = v.active & ~v.parked
         gap, closing, target = self._constraints(t, on_road)
         accel = idm_acceleration(v.speed, v.desired_speed, gap, closing, self.idm)
+        # and no faster than the curves ahead allow: the env's meta-action controller tracks the
+        # route's curve speed (sim.env_lanes.meta_control), and so do the human drivers
+        for g in self._groups:
+            mine = g.slots[on_road[g.slots]]
+            if len(mine):
+                s_ahead = v.s[mine] + v.speed[mine] / _CURVE_SPEED_GAIN
+                curve = _CURVE_SPEED_GAIN * (g.route.curve_speed(s_ahead) - v.speed[mine])
+                accel[mine] = np.minimum(accel[mine], curve)
         accel = np.where(t < v.hold_until, -MAX_BRAKE, accel)
         steer = pure_pursuit_steering(v.x, v.y, v.yaw, target[:, 0], target[:, 1], v.wheelbase)
         return np.where(on_road, accel, 0.0), np.where(on_road, steer, 0.0)

@@ -261,7 +261,8 @@ def test_no_fixed_timing_succeeds_on_every_seed(scenario):
     (or, in the left turn, meets the second oncoming car)."""
     env = _env(scenario=scenario, obs="oracle")
     step_s = env.dt * env.config.decision_ticks
-    for delay_s in (0.0, 0.6, 1.6):
+    long_wait_s = {"red_light": 1.6, "left_turn": 2.8}[scenario]
+    for delay_s in (0.0, 0.6, long_wait_s):
         outcomes = []
         for seed in range(6):
             env.reset(seed=seed)

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sim.roads import LAYOUTS, SignalPlan, make_layout
-from sim.routes import Route, arc, line, polyline
+from sim.routes import CURVE_APPROACH_DECEL, CURVE_LATERAL_ACCEL, Route, arc, line, polyline
 
 
 @given(st.floats(0.0, 1.0), st.floats(-3.0, 3.0))
@@ -83,3 +83,31 @@ def test_highway_ramp_joins_the_right_lane():
 def test_bad_layout_name_lists_choices():
     with pytest.raises(ValueError, match="valid layouts"):
         make_layout("roundabout", np.random.default_rng(0))
+
+
+def test_curve_speed_keeps_lateral_acceleration_and_brakes_ahead_of_the_curve():
+    radius = 10.0
+    route = Route("r", polyline(line((0, 0), (40, 0)), arc((40, radius), radius, -np.pi / 2, 0.0)))
+    v_arc = np.sqrt(CURVE_LATERAL_ACCEL * radius)
+    s_arc = 40.0 + 0.5 * np.pi * radius * np.array([0.2, 0.5, 0.8])
+    assert route.curve_speed(s_arc) == pytest.approx(np.full(3, v_arc), rel=0.02)
+    # on the straight: the speed from which braking at CURVE_APPROACH_DECEL meets the curve's
+    for d in (5.0, 20.0):
+        expected = np.sqrt(route.curve_speed(40.0 + 0.5) ** 2 + 2.0 * CURVE_APPROACH_DECEL * (d + 0.5))
+        assert route.curve_speed(40.0 - d) == pytest.approx(expected, rel=0.02)
+    # the scalar path (one float) gives what the array path gives
+    for s in (3.0, 39.7, 45.2, route.length):
+        assert route.curve_speed(float(s)) == pytest.approx(float(route.curve_speed(np.array([s]))[0]), abs=1e-12)
+    assert route.min_curve_speed(0.0, 20.0) == pytest.approx(route.curve_speed(20.0))
+    assert route.min_curve_speed(0.0, route.length) == pytest.approx(v_arc, rel=0.02)
+    straight = Route("s", line((0, 0), (100, 0)))
+    assert straight.min_curve_speed(0.0, 100.0) > 50.0  # no curve: no limit below any speed limit
+
+
+def test_intersection_turns_have_realistic_curve_speeds():
+    layout = make_layout("intersection", np.random.default_rng(0))
+    left = layout.route("S_left").min_curve_speed(0.0, layout.route("S_left").length)
+    right = layout.route("S_right").min_curve_speed(0.0, layout.route("S_right").length)
+    assert 5.0 < left < 8.0  # 18-29 km/h through a left turn
+    assert 3.0 < right < left
+    assert layout.route("S_straight").min_curve_speed(0.0, 300.0) > layout.route("S_straight").speed_limit
