@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test
 
-from sim.env import EGO_FEATURES, INTENT_FEATURES, OBJECT_FEATURES, CoopDrivingEnv, EnvConfig
+from sim.env import EGO_FEATURES, INTENT_FEATURES, OBJECT_FEATURES, SCENARIO_TASKS, CoopDrivingEnv, EnvConfig
 from sim.env_lanes import (
     LaneMap,
     MetaAction,
@@ -348,3 +348,30 @@ def test_a_new_time_limit_applies_from_the_next_episode():
     assert _feature(obs["cav_0"], "time_left") == pytest.approx(0.9)  # 0.2 s of 2 s
     with pytest.raises(ValueError, match="episode_s must be > 0"):
         env.set_time_limit(0.0)
+
+
+def test_task_time_limits_bench_counts_every_agent_episode_within_the_limit():
+    """bench/task_time_limits.py end to end on two held-out red_light seeds (one agent each)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "task_time_limits.py"), "--scenario", "red_light", "--episodes", "2"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| always")]
+    assert [r[0].strip() for r in rows] == [
+        "always FASTER", "always FASTER + safety", "always IDLE", "always IDLE + safety"
+    ]
+    limit = SCENARIO_TASKS["red_light"].episode_s
+    for name, success, collision, timeout, times in rows:
+        assert int(success) + int(collision) + int(timeout) == 2, name
+        if int(success):
+            slowest = float(times.split("/")[-1])
+            assert 0 < slowest <= limit + 1e-9, name
