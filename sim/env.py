@@ -180,7 +180,7 @@ SCENARIO_TASKS: dict[str, ScenarioTask] = {
     "overtaking": ScenarioTask(goal_m=110.0, episode_s=13.5, controlled="ego"),
     "left_turn": ScenarioTask(goal_m=40.0, episode_s=7.0, controlled="ego"),
     "red_light": ScenarioTask(goal_m=55.0, episode_s=5.4, controlled="ego"),
-    "merge": ScenarioTask(goal_m=220.0, episode_s=12.0, controlled="all"),
+    "merge": ScenarioTask(goal_m=220.0, episode_s=14.0, controlled="all"),
     "random_traffic": ScenarioTask(goal_m=60.0, episode_s=15.0, controlled="all"),
 }
 
