@@ -26,6 +26,10 @@ evaluation):
   the turn's speed, holding it costs no time and lets the ego see past the occluder before it
   commits: the hedge a learned ``ego_only`` planner finds. A scenario is occluded enough only if
   this stays low too.
+- **brake, then informed** (``brake d=..., informed ego_only``), crossings: SLOWER for ``d``
+  seconds, then the informed policy on the ego's own sensor: crawling up to the occluder and
+  looking before committing, which gives up time instead of holding it (a learned ``ego_only``
+  planner found this on ``left_turn``). Also has to stay low.
 
 - **feature rule** (``feature rule <obs>``), crossings: a threshold policy on the env's conflict
   features (``EnvConfig.conflict_features``, :mod:`sim.env_conflict`) and nothing else: FASTER
@@ -322,6 +326,21 @@ def hedged_crossing(hold_s: float) -> Policy:
     return act
 
 
+def braked_crossing(brake_s: float) -> Policy:
+    """Brake (SLOWER) for ``brake_s`` seconds, then act as :func:`informed_crossing`: an ego that
+    slows to a crawl, creeps up until its own sensor sees past the occluder, and then commits or
+    yields. Unlike :func:`hedged_crossing` it gives up time, and with it sees the crossing traffic
+    from further back; a learned ``ego_only`` planner found this on ``left_turn``."""
+    informed = informed_crossing()
+
+    def act(env, obs, t, memory):
+        if t < brake_s - 1e-9:
+            return int(A.SLOWER)
+        return informed(env, obs, t, memory)
+
+    return act
+
+
 def _follow(ego: _Ego) -> int:
     lead = _leader(ego)
     if lead is None:
@@ -541,6 +560,7 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
     out += [(f"informed {mode}", mode, informed()) for mode in ("ego_only", "visible", "oracle")]
     if scenario in CROSSING:
         out += [(f"hold d={d:g}s, informed ego_only", "ego_only", hedged_crossing(d)) for d in HOLD_DELAYS]
+        out += [(f"brake d={d:g}s, informed ego_only", "ego_only", braked_crossing(d)) for d in BRAKE_DELAYS]
     modes = ("ego_only", "visible", "oracle")
     if scenario in CROSSING:
         rule = feature_rule_crossing(*CROSSING_RULE_MARGINS_S[scenario])
@@ -554,6 +574,9 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
 
 HOLD_DELAYS = (0.4, 0.8, 1.2)
 """seconds of holding the speed before the hedged ego_only policy acts on what it sees"""
+
+BRAKE_DELAYS = (0.8, 1.2, 1.6, 2.0)
+"""seconds of braking before the creeping ego_only policy acts on what it sees"""
 
 DEFAULT_DELAYS = {
     "left_turn": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4],
@@ -572,7 +595,7 @@ def main() -> None:
         "--delays", type=float, nargs="+", help="blind commit times in s (default per scenario)"
     )
     parser.add_argument(
-        "--only", choices=("stop", "blind", "informed", "hold", "feature"), help="run one family only"
+        "--only", choices=("stop", "blind", "informed", "hold", "brake", "feature"), help="run one family only"
     )
     parser.add_argument(
         "--config", help="planner config (YAML) whose env.reward the returns are computed with"

@@ -305,10 +305,13 @@ def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path)
     informed = {f"informed {m}" for m in ("ego_only", "visible", "oracle")}
     rules = {f"feature rule {m}" for m in ("ego_only", "visible", "oracle")}
     holds = {f"hold d={d:g}s, informed ego_only" for d in (0.4, 0.8, 1.2)}
-    assert set(rows) == {"stop", "blind d=0s"} | informed | holds | rules
+    brakes = {f"brake d={d:g}s, informed ego_only" for d in (0.8, 1.2, 1.6, 2.0)}
+    assert set(rows) == {"stop", "blind d=0s"} | informed | holds | brakes | rules
     assert rows["informed visible"]["success"] == 1.0
     assert rows["feature rule visible"]["success"] == 1.0
     assert rows["stop"]["timeout"] == 1.0
+    # braking for 2 s of red_light's 5.4 s leaves too little time to reach the goal
+    assert rows["brake d=2s, informed ego_only"]["timeout"] == 1.0
     # under the default reward succeeding out-earns waiting out the clock
     assert rows["informed visible"]["mean_return"] > rows["stop"]["mean_return"] + 1.0
     for r in rows.values():
