@@ -11,7 +11,13 @@ Measures, in one process on this machine, with random actions and no rendering:
 - steps/s of highway-env's ``merge-v0`` (one agent, 15 simulation ticks per 1 Hz decision);
 - the ratios per env step and per simulated second.
 
-Usage: ``python bench/env_bench.py [--steps 400] [--highway-steps 200]``
+The two envs take turns: each of ``--rounds`` rounds times highway-env and then every
+configuration of ours, and the figures printed are medians over the rounds, the ratios taken
+within each round. On a shared machine the speed drifts by tens of percent from one minute to the
+next, so two back-to-back measurements can put the ratio anywhere between 3x and 7x; the median of
+interleaved rounds is the figure to quote (the spread over the rounds is printed with it).
+
+Usage: ``python bench/env_bench.py [--steps 400] [--highway-steps 200] [--rounds 5]``
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 
 import numpy as np
 from highway_env_baseline import bench_highway_env
+from tqdm import tqdm
 
 import sim.env_visibility as visibility_module
 from sim.env import CoopDrivingEnv, EnvConfig
@@ -83,30 +90,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=400, help="env steps to time per configuration")
-    parser.add_argument("--highway-steps", type=int, default=200, help="highway-env steps to time")
+    parser.add_argument("--steps", type=int, default=400, help="env steps to time per configuration and round")
+    parser.add_argument("--highway-steps", type=int, default=200, help="highway-env steps to time per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are printed)")
     args = parser.parse_args()
+    if args.steps < 1 or args.highway_steps < 1 or args.rounds < 1:
+        parser.error("--steps, --highway-steps and --rounds must be >= 1")
 
-    theirs = bench_highway_env(args.highway_steps)
-    if theirs is not None:
-        print(
-            f"highway-env merge-v0: {theirs['steps_per_s']:.1f} steps/s "
-            f"({theirs['sim_seconds_per_s']:.1f} simulated s per s)"
-        )
-    for obs, ticks in (("visible", 1), ("visible", 2), ("oracle", 1)):
-        ours = bench_ours(args.steps, obs, ticks)
-        line = (
-            f"CoopDrivingEnv merge, obs={obs}, {ticks} tick(s) per step, {ours['agents']} agents: "
-            f"{ours['steps_per_s']:.1f} steps/s ({ours['sim_seconds_per_s']:.1f} simulated s per s); "
-            f"World.step {100 * ours['world_share']:.0f}% of the time, "
-            f"visibility {100 * ours['visibility_share']:.0f}%, "
-            f"messages {100 * ours['messages_share']:.0f}%, "
-            f"env {100 * (1.0 - ours['world_share'] - ours['visibility_share'] - ours['messages_share']):.0f}%"
-        )
+    configs = (("visible", 1), ("visible", 2), ("oracle", 1))
+    theirs_rounds: list[dict[str, float]] = []
+    ours_rounds: dict[tuple[str, int], list[dict[str, float]]] = {c: [] for c in configs}
+    for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
+        theirs = bench_highway_env(args.highway_steps)
         if theirs is not None:
+            theirs_rounds.append(theirs)
+        for obs, ticks in configs:
+            ours_rounds[(obs, ticks)].append(bench_ours(args.steps, obs, ticks))
+
+    def median(values) -> float:
+        return float(np.median(list(values)))
+
+    if theirs_rounds:
+        print(
+            f"highway-env merge-v0: {median(t['steps_per_s'] for t in theirs_rounds):.1f} steps/s "
+            f"({median(t['sim_seconds_per_s'] for t in theirs_rounds):.1f} simulated s per s); "
+            f"median of {len(theirs_rounds)} rounds"
+        )
+    for (obs, ticks), rounds in ours_rounds.items():
+        shares = {k: median(r[k] for r in rounds) for k in ("world_share", "visibility_share", "messages_share")}
+        line = (
+            f"CoopDrivingEnv merge, obs={obs}, {ticks} tick(s) per step, {rounds[0]['agents']} agents: "
+            f"{median(r['steps_per_s'] for r in rounds):.1f} steps/s "
+            f"({median(r['sim_seconds_per_s'] for r in rounds):.1f} simulated s per s); "
+            f"World.step {100 * shares['world_share']:.0f}% of the time, "
+            f"visibility {100 * shares['visibility_share']:.0f}%, "
+            f"messages {100 * shares['messages_share']:.0f}%, "
+            f"env {100 * (1.0 - sum(shares.values())):.0f}%"
+        )
+        if theirs_rounds:
+            per_step = [o["steps_per_s"] / t["steps_per_s"] for o, t in zip(rounds, theirs_rounds, strict=True)]
+            per_sim = [
+                o["sim_seconds_per_s"] / t["sim_seconds_per_s"] for o, t in zip(rounds, theirs_rounds, strict=True)
+            ]
             line += (
-                f"; ratio to highway-env: {ours['steps_per_s'] / theirs['steps_per_s']:.2f}x per step, "
-                f"{ours['sim_seconds_per_s'] / theirs['sim_seconds_per_s']:.2f}x per simulated second"
+                f"; ratio to highway-env: {median(per_step):.2f}x per step "
+                f"(rounds {min(per_step):.2f}-{max(per_step):.2f}), {median(per_sim):.2f}x per simulated second"
             )
         print(line)
 

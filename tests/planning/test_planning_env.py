@@ -378,3 +378,36 @@ def test_task_time_limits_bench_counts_every_agent_episode_within_the_limit():
         if int(success):
             slowest = float(times.split("/")[-1])
             assert 0 < slowest <= limit + 1e-9, name
+
+
+def test_env_bench_interleaves_rounds_and_prints_every_configuration():
+    """bench/env_bench.py end to end at a tiny size: medians over two interleaved rounds."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = ["--steps", "5", "--highway-steps", "5", "--rounds", "2"]
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "env_bench.py"), *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "highway-env merge-v0:" in result.stdout and "median of 2 rounds" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("CoopDrivingEnv merge")]
+    assert [re.search(r"obs=(\w+), (\d) tick", line).groups() for line in lines] == [
+        ("visible", "1"), ("visible", "2"), ("oracle", "1")
+    ]
+    for line in lines:
+        low, high = map(float, re.search(r"\(rounds ([\d.]+)-([\d.]+)\)", line).groups())
+        median = float(re.search(r"ratio to highway-env: ([\d.]+)x per step", line).group(1))
+        assert 0 < low <= median <= high
+    bad = subprocess.run(
+        [sys.executable, str(root / "bench" / "env_bench.py"), "--rounds", "0"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
