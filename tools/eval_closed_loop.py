@@ -199,11 +199,14 @@ def write_animation(path: Path, frames: list[dict], title: str) -> Path:
 
 
 def markdown_table(per_scenario: dict[str, dict[str, float]], overall: dict[str, float], title: str) -> str:
-    header = "| scenario | episodes | " + " | ".join(label for _, label, _ in _METRICS) + " |"
-    rule = "|" + "---|" * (len(_METRICS) + 2)
+    labels = [label for _, label, _ in _METRICS]
+    labels.insert(1, "success 95% CI")  # right after the success rate
+    header = "| scenario | episodes | " + " | ".join(labels) + " |"
+    rule = "|" + "---|" * (len(labels) + 2)
     rows = [f"# {title}", "", header, rule]
     for name, m in [*per_scenario.items(), ("**overall**", overall)]:
         cells = [fmt.format(m[key]) for key, _, fmt in _METRICS]
+        cells.insert(1, f"{m['success_ci95_low']:.2f}-{m['success_ci95_high']:.2f}")
         rows.append(f"| {name} | {int(m['episodes'])} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
+from scipy.stats import binomtest
 
 from datasets.io import atomic_path
 from models.config import from_dict, to_dict
@@ -314,7 +315,10 @@ def summarize(results: list[EpisodeResult]) -> dict[str, float]:
       failures), as SPL weights success by path length;
     - route completion, average speed, driving score (route completion x 0.60 per collision x
       0.70 per red light, CARLA leaderboard style): means over agents and episodes;
-    - bytes per second: V2X bytes on air per simulated second.
+    - bytes per second: V2X bytes on air per simulated second;
+    - ``success_ci95_low`` / ``_high``: the Wilson score 95 % interval of the success rate (scipy's
+      ``binomtest(...).proportion_ci``), how far the rate may sit from the policy's true rate on
+      this scenario's seed distribution: about +-0.14 at 30 episodes near 0.8, +-0.08 at 100.
     """
     if not results:
         return {}
@@ -334,9 +338,12 @@ def summarize(results: list[EpisodeResult]) -> dict[str, float]:
         ]
     )
     duration = sum(r.duration_s for r in results)
+    interval = binomtest(int(success.sum()), len(results)).proportion_ci(confidence_level=0.95, method="wilson")
     return {
         "episodes": float(len(results)),
         "success_rate": float(success.mean()),
+        "success_ci95_low": float(interval.low),
+        "success_ci95_high": float(interval.high),
         "collision_rate": float(np.mean([r.collision for r in results])),
         "timeout_rate": float(np.mean([r.timeout for r in results])),
         "success_weighted_by_time": float(weighted.mean()),

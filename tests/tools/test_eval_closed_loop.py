@@ -41,6 +41,8 @@ def test_real_run_writes_json_markdown_and_an_animation(checkpoint, tmp_path):
     assert overall["bytes_per_second"] > 0  # visible: detections on the air
     table = (out / "eval.md").read_text()
     assert "| red_light | 1 |" in table and "| **overall** | 2 |" in table
+    assert "| success | success 95% CI | collision |" in table
+    assert 0.0 <= overall["success_ci95_low"] <= overall["success_rate"] <= overall["success_ci95_high"] <= 1.0
     gifs = sorted(p.name for p in out.glob("*.gif"))
     assert gifs == ["left_turn_seed1000000000.gif", "red_light_seed1000000000.gif"]
     assert (out / gifs[0]).stat().st_size > 10_000
@@ -98,3 +100,28 @@ def test_aggregate_gives_mean_and_spread_over_seeds(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         eval_closed_loop.parse_args(["--aggregate", str(tmp_path), "--checkpoint", "x.pt"])
+
+
+def test_summary_gives_the_wilson_interval_of_the_success_rate():
+    """8 successes in 10 episodes: the Wilson score interval worked out by hand."""
+    import math
+
+    from models.planning.experiment import EpisodeResult, summarize
+
+    def episode(seed: int, success: bool) -> EpisodeResult:
+        agent = {
+            "success": float(success), "collision": float(not success), "timeout": 0.0,
+            "time_s": 5.0, "reference_time_s": 4.0, "route_completion": 1.0 if success else 0.5,
+            "mean_speed": 8.0, "driving_score": 1.0 if success else 0.3,
+        }
+        return EpisodeResult("red_light", seed, {"cav_0": agent}, 5.0, 0)
+
+    summary = summarize([episode(k, k < 8) for k in range(10)])
+    n, p, z = 10, 0.8, 1.959963984540054
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert summary["success_rate"] == pytest.approx(0.8)
+    assert summary["success_ci95_low"] == pytest.approx(centre - half, abs=1e-9)  # 0.490
+    assert summary["success_ci95_high"] == pytest.approx(centre + half, abs=1e-9)  # 0.943
+    everything = summarize([episode(k, True) for k in range(10)])
+    assert everything["success_ci95_high"] == pytest.approx(1.0) and everything["success_ci95_low"] < 1.0
