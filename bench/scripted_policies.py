@@ -311,19 +311,24 @@ def informed_crossing(horizon_s: float = 4.0, margin_m: float = 0.2) -> Policy:
     return act
 
 
+def _lead_in_then_informed(action: A, lead_s: float) -> Policy:
+    """Press ``action`` for ``lead_s`` seconds, then act as :func:`informed_crossing`."""
+    informed = informed_crossing()
+
+    def act(env, obs, t, memory):
+        if t < lead_s - 1e-9:
+            return int(action)
+        return informed(env, obs, t, memory)
+
+    return act
+
+
 def hedged_crossing(hold_s: float) -> Policy:
     """Hold the speed (IDLE) for ``hold_s`` seconds, then act as :func:`informed_crossing`: an
     ego that approaches at its current speed until its own sensor sees past the occluder, and
     only then commits or yields. It costs nothing where the ego already drives at the turn's
     speed, so it is the ``ego_only`` strategy a learned planner finds first."""
-    informed = informed_crossing()
-
-    def act(env, obs, t, memory):
-        if t < hold_s - 1e-9:
-            return int(A.IDLE)
-        return informed(env, obs, t, memory)
-
-    return act
+    return _lead_in_then_informed(A.IDLE, hold_s)
 
 
 def braked_crossing(brake_s: float) -> Policy:
@@ -331,14 +336,7 @@ def braked_crossing(brake_s: float) -> Policy:
     slows to a crawl, creeps up until its own sensor sees past the occluder, and then commits or
     yields. Unlike :func:`hedged_crossing` it gives up time, and with it sees the crossing traffic
     from further back; a learned ``ego_only`` planner found this on ``left_turn``."""
-    informed = informed_crossing()
-
-    def act(env, obs, t, memory):
-        if t < brake_s - 1e-9:
-            return int(A.SLOWER)
-        return informed(env, obs, t, memory)
-
-    return act
+    return _lead_in_then_informed(A.SLOWER, brake_s)
 
 
 def _follow(ego: _Ego) -> int:

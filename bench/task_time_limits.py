@@ -19,9 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sim.env import EVAL_SEED_OFFSET, SCENARIO_TASKS, CoopDrivingEnv, EnvConfig
+from sim.env_lanes import MetaAction
 
-ACTIONS = {"FASTER": 3, "IDLE": 1}
-"""highway-env's DiscreteMetaAction indices (the env's discrete actions)."""
+ACTIONS = ("FASTER", "IDLE")
+"""the meta-actions played, by name (``sim.env_lanes.MetaAction``)"""
 
 
 def play(scenario: str, action: str, safety: bool, episodes: int) -> dict[str, float]:
@@ -29,10 +30,11 @@ def play(scenario: str, action: str, safety: bool, episodes: int) -> dict[str, f
     env = CoopDrivingEnv(EnvConfig(scenario=scenario, obs="oracle", safety=safety), seed=0)
     counts = {"success": 0, "collision": 0, "timeout": 0}
     times: list[float] = []
+    index = env.meta_actions.index(MetaAction[action])  # the env's discrete action for it
     for i in tqdm(range(episodes), desc=f"{action}{' + safety' if safety else ''}", leave=False):
         env.reset(seed=EVAL_SEED_OFFSET + i)
         while env.agents:
-            _, _, _, _, infos = env.step({a: ACTIONS[action] for a in env.agents})
+            _, _, _, _, infos = env.step({a: index for a in env.agents})
             for info in infos.values():
                 if "episode" not in info:
                     continue

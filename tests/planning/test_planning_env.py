@@ -282,23 +282,25 @@ def test_no_fixed_timing_succeeds_on_every_seed(scenario):
                 assert any(e["timeout"] for e in outcomes), outcomes
 
 
-def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path):
-    """bench/scripted_policies.py end to end on two held-out red_light seeds."""
-    import json
+def _run_bench(script: str, *args: str):
+    """Run ``bench/<script>`` with ``args`` from the repository root; the CompletedProcess."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, str(root / "bench" / script), *args], cwd=root, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_scripted_policies_bench_runs_and_the_informed_policy_succeeds(tmp_path):
+    """bench/scripted_policies.py end to end on two held-out red_light seeds."""
+    import json
+
     out = tmp_path / "scripted.json"
     args = ["--scenarios", "red_light", "--episodes", "2", "--delays", "0", "--json", str(out)]
-    result = subprocess.run(
-        [sys.executable, str(root / "bench" / "scripted_policies.py"), *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_bench("scripted_policies.py", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| red_light | informed visible | 2 |" in result.stdout
     rows = {r["policy"]: r for r in json.loads(out.read_text())}
@@ -355,18 +357,7 @@ def test_a_new_time_limit_applies_from_the_next_episode():
 
 def test_task_time_limits_bench_counts_every_agent_episode_within_the_limit():
     """bench/task_time_limits.py end to end on two held-out red_light seeds (one agent each)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, str(root / "bench" / "task_time_limits.py"), "--scenario", "red_light", "--episodes", "2"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_bench("task_time_limits.py", "--scenario", "red_light", "--episodes", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| always")]
     assert [r[0].strip() for r in rows] == [
@@ -383,19 +374,8 @@ def test_task_time_limits_bench_counts_every_agent_episode_within_the_limit():
 def test_env_bench_interleaves_rounds_and_prints_every_configuration():
     """bench/env_bench.py end to end at a tiny size: medians over two interleaved rounds."""
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    args = ["--steps", "5", "--highway-steps", "5", "--rounds", "2"]
-    result = subprocess.run(
-        [sys.executable, str(root / "bench" / "env_bench.py"), *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_bench("env_bench.py", "--steps", "5", "--highway-steps", "5", "--rounds", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "highway-env merge-v0:" in result.stdout and "median of 2 rounds" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith("CoopDrivingEnv merge")]
@@ -406,8 +386,5 @@ def test_env_bench_interleaves_rounds_and_prints_every_configuration():
         low, high = map(float, re.search(r"\(rounds ([\d.]+)-([\d.]+)\)", line).groups())
         median = float(re.search(r"ratio to highway-env: ([\d.]+)x per step", line).group(1))
         assert 0 < low <= median <= high
-    bad = subprocess.run(
-        [sys.executable, str(root / "bench" / "env_bench.py"), "--rounds", "0"],
-        cwd=root, capture_output=True, text=True, timeout=120,
-    )
+    bad = _run_bench("env_bench.py", "--rounds", "0")
     assert bad.returncode == 2 and "--rounds" in bad.stderr
