@@ -30,6 +30,11 @@ evaluation):
   seconds, then the informed policy on the ego's own sensor: crawling up to the occluder and
   looking before committing, which gives up time instead of holding it (a learned ``ego_only``
   planner found this on ``left_turn``). Also has to stay low.
+- **creep, then informed** (``creep v<=..., d=..., informed ego_only``), crossings: for ``d``
+  seconds the informed policy on the ego's own sensor with its target speed capped at ``v``
+  (braking to it, yielding to what it sees), then the informed policy uncapped: an ego that
+  crawls towards the conflict and keeps looking until both hidden cars of ``left_turn`` can have
+  shown themselves, the hedge the learned ``ego_only`` planner found there. Has to stay low too.
 
 - **feature rule** (``feature rule <obs>``), crossings: a threshold policy on the env's conflict
   features (``EnvConfig.conflict_features``, :mod:`sim.env_conflict`) and nothing else: FASTER
@@ -103,6 +108,10 @@ class Outcome:
     timeout: float
     mean_return: float
     """episode return under the reward the policies were played with"""
+    success_time_s: float
+    """mean time (s) of the successful episodes to reach the goal; nan without successes"""
+    success_time_max_s: float
+    """the slowest successful episode (s): how close to the time limit a policy succeeds"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,6 +348,27 @@ def braked_crossing(brake_s: float) -> Policy:
     return _lead_in_then_informed(A.SLOWER, brake_s)
 
 
+def creeping_crossing(max_target_mps: float, creep_s: float) -> Policy:
+    """For ``creep_s`` seconds :func:`informed_crossing` with the target speed capped at
+    ``max_target_mps`` (SLOWER while above it), then :func:`informed_crossing`: an ego that crawls
+    up to the occluder and on towards the conflict, yielding to whatever its sensor shows, and
+    commits only after it has had time to see the crossing traffic."""
+    informed = informed_crossing()
+
+    def act(env, obs, t, memory):
+        action = informed(env, obs, t, memory)
+        if t >= creep_s - 1e-9 or action == A.SLOWER:
+            return action
+        target = float(obs[_TARGET_SPEED]) * _SPEED_NORM
+        if target > max_target_mps + 1e-6:
+            return int(A.SLOWER)
+        if action == A.FASTER and target + env.config.meta.speed_step > max_target_mps + 1e-6:
+            return int(A.IDLE)
+        return action
+
+    return act
+
+
 def _follow(ego: _Ego) -> int:
     lead = _leader(ego)
     if lead is None:
@@ -528,6 +558,7 @@ def run_policy(
     )
     env = CoopDrivingEnv(config, seed=0)
     totals = {"success": 0.0, "collision": 0.0, "timeout": 0.0, "return": 0.0}
+    success_times: list[float] = []
     for k in range(episodes):
         obs, _ = env.reset(seed=EVAL_SEED_OFFSET + k)
         memory: dict = {}
@@ -540,12 +571,17 @@ def run_policy(
         episode = info["cav_0"]["episode"]
         for key in totals:
             totals[key] += episode[key]
+        if episode["success"]:
+            success_times.append(float(episode["time_s"]))
     env.close()
+    times = np.asarray(success_times) if success_times else np.full(1, np.nan)
     return Outcome(
         scenario,
         name,
         episodes,
         *(totals[k] / episodes for k in ("success", "collision", "timeout", "return")),
+        success_time_s=float(times.mean()),
+        success_time_max_s=float(times.max()),
     )
 
 
@@ -559,6 +595,10 @@ def policies_for(scenario: str, delays: list[float]) -> list[tuple[str, str, Pol
     if scenario in CROSSING:
         out += [(f"hold d={d:g}s, informed ego_only", "ego_only", hedged_crossing(d)) for d in HOLD_DELAYS]
         out += [(f"brake d={d:g}s, informed ego_only", "ego_only", braked_crossing(d)) for d in BRAKE_DELAYS]
+        out += [
+            (f"creep v<={v:g}, d={d:g}s, informed ego_only", "ego_only", creeping_crossing(v, d))
+            for v, d in CREEPS
+        ]
     modes = ("ego_only", "visible", "oracle")
     if scenario in CROSSING:
         rule = feature_rule_crossing(*CROSSING_RULE_MARGINS_S[scenario])
@@ -575,6 +615,11 @@ HOLD_DELAYS = (0.4, 0.8, 1.2)
 
 BRAKE_DELAYS = (0.8, 1.2, 1.6, 2.0)
 """seconds of braking before the creeping ego_only policy acts on what it sees"""
+
+CREEPS = ((1.0, 3.0), (1.0, 4.0), (3.0, 3.0), (3.0, 4.0))
+"""(target speed cap in m/s, seconds) of the creeping ego_only policies; the env's target speed
+moves in steps of 2.5 m/s from the ego's starting speed, so a cap of 1 m/s crawls at 0.5-1 m/s
+and one of 3 m/s at 3 m/s or below"""
 
 DEFAULT_DELAYS = {
     "left_turn": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4],
@@ -593,7 +638,7 @@ def main() -> None:
         "--delays", type=float, nargs="+", help="blind commit times in s (default per scenario)"
     )
     parser.add_argument(
-        "--only", choices=("stop", "blind", "informed", "hold", "brake", "feature"), help="run one family only"
+        "--only", choices=("stop", "blind", "informed", "hold", "brake", "creep", "feature"), help="run one family only"
     )
     parser.add_argument(
         "--config", help="planner config (YAML) whose env.reward the returns are computed with"
@@ -614,12 +659,12 @@ def main() -> None:
         for name, mode, policy in tqdm(todo, desc=scenario):
             features = name.startswith("feature rule")
             outcomes.append(run_policy(scenario, mode, policy, args.episodes, name, reward, features))
-    print("| scenario | policy | episodes | success | collision | timeout | return |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scenario | policy | episodes | success | collision | timeout | return | success time (mean / max s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for o in outcomes:
         print(
             f"| {o.scenario} | {o.policy} | {o.episodes} | {o.success:.2f} | {o.collision:.2f} "
-            f"| {o.timeout:.2f} | {o.mean_return:+.2f} |"
+            f"| {o.timeout:.2f} | {o.mean_return:+.2f} | {o.success_time_s:.1f} / {o.success_time_max_s:.1f} |"
         )
     for scenario in args.scenarios:
         blind = [o for o in outcomes if o.scenario == scenario and o.policy.startswith("blind")]
@@ -629,7 +674,8 @@ def main() -> None:
     if args.json:
         from datasets.io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps([asdict(o) for o in outcomes], indent=1))
+        rows = [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(o).items()} for o in outcomes]
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ The templates keep each scenario's name, cast (ego, witness, occluder, hidden) a
   road, hides an oncoming car; a connected witness ahead of the truck sees it. Needs 110 m of
   road without a junction.
 - ``left_turn``: the ego waits at a junction to turn left; a truck waiting to turn left from the
-  opposite approach hides two cars coming straight on in the lane beside it, a short gap apart; a
-  connected witness queued behind the truck sees them. Needs an opposite approach with two lanes.
+  opposite approach hides a stream of cars coming straight on in the lane beside it, a short gap
+  apart (``LEFT_TURN_TIMING.cars``); a connected witness queued behind the truck sees them. Needs an
+  opposite approach with two lanes. Their braking is CARLA's Traffic Manager's, without the
+  embedded World's reaction time (``LEFT_TURN_TIMING.reaction_s``).
 - ``red_light``: the ego approaches a junction in the inner lane; a queue of van, truck and bus
   held at the stop line in the lane beside it hides a car that ignores its red light on the road
   crossing from the right; a connected witness waits on the road crossing from the left.
@@ -331,20 +333,21 @@ def _left_turn(walk: LaneWalker, seed: Any, rng: np.random.Generator, k: float) 
     truck_wp = walk.opposite(walk.ahead(far_side, rng.uniform(3.0, 4.0)))  # nose in the junction
     hidden_wp = walk.right_same(walk.opposite(walk.ahead(far_side, rng.uniform(18.0, 28.0))))
     hidden_speed = rng.uniform(9.0, 12.0) * k
-    # a second car a short gap behind the first, as in the embedded scenario (LEFT_TURN_TIMING)
-    second_wp = walk.back(hidden_wp, hidden_speed * rng.uniform(*LEFT_TURN_TIMING.gap_s))
+    # more cars, each a short gap behind the one before, as in the embedded scenario (LEFT_TURN_TIMING)
+    stream = [hidden_wp]
+    for _ in range(LEFT_TURN_TIMING.cars - 1):
+        stream.append(walk.back(stream[-1], hidden_speed * rng.uniform(*LEFT_TURN_TIMING.gap_s)))
     # the witness queues behind the truck and sees the lane beside it (in that lane, behind the
     # second car, the second would hide the first from it)
     witness_wp = walk.back(truck_wp, rng.uniform(11.0, 13.0))
-    if not all(walk.usable(w) for w in (ego_wp, truck_wp, hidden_wp, second_wp, witness_wp)):
+    if not all(walk.usable(w) for w in (ego_wp, truck_wp, *stream, witness_wp)):
         return None
     return [
         _car("ego", ego_wp, rng, 2.0 * k, 8.0 * k, role=Role.CONNECTED, route=("Left",)),
         _car("witness", witness_wp, rng, 0.0, 8.0 * k, role=Role.CONNECTED, route=("Left",)),
         _car("occluder", truck_wp, rng, 0.0, 6.0 * k, kind=ActorKind.TRUCK,
              hold_s=rng.uniform(6.0, 9.0), route=("Left",)),
-        _car("hidden", hidden_wp, rng, hidden_speed, route=("Straight",)),
-        _car("hidden", second_wp, rng, hidden_speed, route=("Straight",)),
+        *(_car("hidden", w, rng, hidden_speed, route=("Straight",)) for w in stream),
     ]
 
 

@@ -53,6 +53,8 @@ class _Vehicles:
     s: np.ndarray  # (N,) arc length along the route (progress)
     ignore_signals: np.ndarray  # (N,) bool
     hold_until: np.ndarray  # (N,) seconds
+    reaction_s: np.ndarray  # (N,) seconds before the driver model reacts to a vehicle entering its path
+    in_path_since: np.ndarray  # (N, N) seconds: since when vehicle j has been in i's path; nan if not
     active: np.ndarray  # (N,) bool: False once a human vehicle has left the map
     parked: np.ndarray  # (N,) bool
     connected: np.ndarray  # (N,) bool
@@ -214,6 +216,8 @@ class EmbeddedWorld:
             s=np.array([a.s for a in spec.actors], dtype=np.float64),
             ignore_signals=np.array([a.ignore_signals for a in spec.actors]),
             hold_until=np.array([a.hold_until for a in spec.actors], dtype=np.float64),
+            reaction_s=np.array([a.reaction_s for a in spec.actors], dtype=np.float64),
+            in_path_since=np.full((n, n), np.nan),  # filled from the first tick (see _reacted)
             active=np.ones(n, dtype=bool),
             parked=np.array([r is Role.PARKED for r in roles], dtype=bool),
             connected=np.array([r is Role.CONNECTED for r in roles], dtype=bool),
@@ -311,6 +315,7 @@ class EmbeddedWorld:
             & (np.abs(lat_all[r_of]) < half_wid[mine, None] + half_wid[None, :] + _LATERAL_MARGIN_M)
         )
         in_path[np.arange(len(mine)), mine] = False
+        in_path = self._reacted(t, mine, in_path)
         gaps = np.where(in_path, ahead - half_len[mine, None] - half_len[None, :], np.inf)
         leader = np.argmin(gaps, axis=1)
         g = gaps[np.arange(len(mine)), leader]
@@ -352,6 +357,25 @@ class EmbeddedWorld:
         for (route, route_mine), k in zip(routes, rows, strict=True):
             target[route_mine] = route.point(s_target[k])
         return gap, closing, target
+
+    def _reacted(self, t: float, mine: np.ndarray, in_path: np.ndarray) -> np.ndarray:
+        """(K, N) the part of ``in_path`` (rows: vehicles ``mine``) each driver reacts to: vehicles
+        that have been in its path for at least its ``reaction_s``.
+
+        A driver with right of way who cannot see a vehicle about to pull into its lane (the
+        ``left_turn`` bus hides the ego from the oncoming cars as much as it hides them from the
+        ego) starts braking only a reaction time after it did. Pairs in path at t = 0, and pairs
+        whose driver has no reaction time, count at once, as before.
+        """
+        v = self._v
+        assert v is not None
+        since = v.in_path_since[mine]  # (K, N) copy
+        since = np.where(in_path, np.where(np.isnan(since), t, since), np.nan)
+        if t == 0.0:
+            since[in_path] = -np.inf
+        v.in_path_since[mine] = since
+        with np.errstate(invalid="ignore"):
+            return in_path & (t - since >= v.reaction_s[mine, None] - 1e-9)
 
     def _merge_blocked(self, route, mine: np.ndarray, s_me: np.ndarray, xy: np.ndarray) -> np.ndarray:
         """(|mine|,) True for ramp vehicles near the merge whose target lane has no gap beside them.

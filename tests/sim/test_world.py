@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 import world_suite
 
-from sim.roads import make_layout
+from sim.roads import SignalPlan, make_layout
 from sim.scenarios import (
     LEFT_TURN_TIMING,
     SCENARIOS,
+    ActorSpec,
+    ScenarioSpec,
     build_scenario,
     fastest_arrival_s,
     fastest_arrivals_on_route_s,
     route_crossing,
 )
-from sim.types import Role, VehicleControl
+from sim.types import ActorKind, Role, VehicleControl
 from sim.world import EmbeddedWorld, make_world
 
 
@@ -168,23 +170,25 @@ def test_hidden_vehicle_timing_varies_so_no_fixed_delay_fits_every_seed(scenario
     assert 3 <= early.sum() <= 9, offsets  # both happen on a handful of seeds
 
 
-def test_left_turn_hides_two_oncoming_cars_a_short_gap_apart():
-    """The first car meets a fast ego on some seeds and a hedging one on others; the second
-    follows 1.6-2.0 s later, so only an ego that knows both times fits between them."""
+def test_left_turn_hides_a_stream_of_oncoming_cars_a_short_gap_apart():
+    """The first car meets a fast ego on some seeds and a hedging one on others; each next one
+    follows 1.6-2.0 s later, so only an ego that knows their times fits between them, and they
+    react to a vehicle pulling into their lane only after a reaction time."""
     timing = LEFT_TURN_TIMING
     firsts, gaps = [], []
     for seed in range(12):
         spec = build_scenario("left_turn", np.random.default_rng(seed))
-        assert len(spec.hidden_indices) == 2
+        cars = [a for a in spec.actors if a.tag == "hidden"]
+        assert len(cars) == timing.cars == 3
+        assert spec.hidden_indices == (3, 4)  # the third is far enough to show past the bus at t = 0
         ego = spec.actors[spec.ego_index]
         route = spec.layout.route("S_left")
         s_ego, s_hidden = route_crossing(spec.layout, "S_left", "N_straight", (150.0, 230.0))
         (t_ego,) = fastest_arrivals_on_route_s(route, ego.s, [s_ego - ego.s], ego.speed, route.speed_limit)
-        first, second = (spec.actors[i] for i in spec.hidden_indices)
-        t_first = (s_hidden - first.s) / first.speed
-        t_second = (s_hidden - second.s) / second.speed
-        firsts.append(t_first - t_ego)
-        gaps.append(t_second - t_first)
+        assert all(c.reaction_s == timing.reaction_s > 0 for c in cars)
+        times = [(s_hidden - c.s) / c.speed for c in cars]
+        firsts.append(times[0] - t_ego)
+        gaps += list(np.diff(times))
         bus = next(a for a in spec.actors if a.tag == "occluder")
         assert bus.pose is not None and bus.pose[2] == pytest.approx(-np.pi / 2, abs=1e-6)  # wheels straight
     firsts, gaps = np.array(firsts), np.array(gaps)
@@ -194,6 +198,50 @@ def test_left_turn_hides_two_oncoming_cars_a_short_gap_apart():
     # a hedging ego on others
     assert firsts.min() < -0.5 and firsts.max() > -0.1, firsts
     assert np.all((gaps >= timing.gap_s[0] - 1e-6) & (gaps <= timing.gap_s[1] + 0.6)), gaps
+
+
+def _brake_onset_after_cut_in(reaction_s: float, monkeypatch) -> float:
+    """Seconds from a stopped connected car steering into a human car's lane, 35 m ahead of it,
+    to that car's first braking (intersection, south approach: the human goes straight, the
+    connected car starts in the left-turn lane beside it)."""
+    import sim.world
+
+    layout = make_layout("intersection", np.random.default_rng(0))
+    stop = layout.route("S_straight").stop_lines[0][0]
+    human = ActorSpec(
+        ActorKind.CAR, Role.HUMAN, np.array([4.6, 1.85, 1.5]), route="S_straight", s=stop - 80.0,
+        speed=10.0, desired_speed=10.0, reaction_s=reaction_s,
+    )
+    cutter = ActorSpec(
+        ActorKind.CAR, Role.CONNECTED, np.array([4.6, 1.85, 1.5]), route="S_left", s=stop - 45.0, speed=0.0
+    )
+    spec = ScenarioSpec("red_light", layout, [cutter, human], signal_plan=SignalPlan(offset=0.0))
+    monkeypatch.setattr(sim.world, "build_scenario", lambda *args, **kw: spec)
+    world = make_world("red_light", lidar="tiny")
+    frame = world.reset(0)
+    route = layout.route("S_straight")
+    lateral = float(route.project(frame.agent(0).T_world_from_agent[None, :2, 3])[1][0])
+    steer = -0.5 if lateral > 0 else 0.5  # towards the human's lane
+    entered = braked = None
+    speed = frame.agent(1).speed
+    for k in range(40):
+        t = world._frame * world.dt
+        control = VehicleControl(acceleration=3.0, steering=steer) if k < 12 else VehicleControl(acceleration=-8.0)
+        frame = world.step({0: control})
+        _, lat = route.project(frame.agent(0).T_world_from_agent[None, :2, 3])
+        if entered is None and abs(lat[0]) < 1.85 + 0.3:
+            entered = t
+        if braked is None and frame.agent(1).speed < speed - 1e-3:
+            braked = t
+        speed = frame.agent(1).speed
+    assert entered is not None and braked is not None, (entered, braked)
+    return braked - entered
+
+
+def test_drivers_react_to_a_vehicle_pulling_into_their_lane_after_their_reaction_time(monkeypatch):
+    # the driver model sees the car in its lane on the tick after it got there (dt = 0.1 s)
+    assert _brake_onset_after_cut_in(0.0, monkeypatch) == pytest.approx(0.1, abs=0.05)
+    assert _brake_onset_after_cut_in(1.5, monkeypatch) == pytest.approx(1.6, abs=0.05)
 
 
 def test_fastest_arrival_matches_the_simple_kinematics():
