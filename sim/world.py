@@ -369,6 +369,8 @@ class EmbeddedWorld:
         """
         v = self._v
         assert v is not None
+        if not v.reaction_s[mine].any():  # every other scenario: nothing to track on this hot path
+            return in_path
         since = v.in_path_since[mine]  # (K, N) copy
         since = np.where(in_path, np.where(np.isnan(since), t, since), np.nan)
         if t == 0.0:

@@ -225,7 +225,7 @@ def _brake_onset_after_cut_in(reaction_s: float, monkeypatch) -> float:
     entered = braked = None
     speed = frame.agent(1).speed
     for k in range(40):
-        t = world._frame * world.dt
+        t = frame.time_s
         control = VehicleControl(acceleration=3.0, steering=steer) if k < 12 else VehicleControl(acceleration=-8.0)
         frame = world.step({0: control})
         _, lat = route.project(frame.agent(0).T_world_from_agent[None, :2, 3])
