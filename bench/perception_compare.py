@@ -39,7 +39,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("none", "late", "early", "attfuse", "attfuse_keypoints", "core", "core_reconstruction")
+ROWS = (
+    "none", "late", "early", "attfuse", "attfuse_keypoints", "attfuse_proj_first", "core", "core_proj_first",
+    "core_reconstruction",
+)
 TRAINED_AS = {"late": "none"}
 
 

@@ -96,6 +96,13 @@ class FusionConfig:
         compressor: channel reduction and cell selection of BEV messages.
         core: CORE's request and aggregation settings.
         keypoints: the keypoint encoder of keypoint messages.
+        proj_first: BEV messages of attfuse and core: each sender moves its points into the ego
+            frame (with ``T_ego_from_agent_measured``) and voxelises them on the ego's grid before
+            encoding (OpenCOOD's ``proj_first``), so its map is already in the ego frame and the
+            receiver does not warp it; the message header then carries the pose of the map's
+            frame, the ego's (identity here). Off: each sender encodes in its own frame and the
+            receiver warps the cells it gets. Projecting first keeps a vehicle's heading in the
+            ego frame in the features, at the cost of one encoder pass per receiver on the sender.
     """
 
     method: Literal["none", "early", "late", "attfuse", "core"] = "none"
@@ -103,6 +110,7 @@ class FusionConfig:
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
     core: CoreConfig = field(default_factory=CoreConfig)
     keypoints: KeypointEncoderConfig = field(default_factory=KeypointEncoderConfig)
+    proj_first: bool = False
 
     def validate(self) -> None:
         """Check that the settings fit together (separate from construction, so that overrides can
@@ -115,6 +123,11 @@ class FusionConfig:
             raise ValueError("core selects cells by request: set fusion.compressor.selection=request")
         if self.method != "core" and self.compressor.selection == "request":
             raise ValueError("selection=request needs the core method (it sends the request maps)")
+        if self.proj_first and (self.method not in ("attfuse", "core") or self.message != "bev"):
+            raise ValueError(
+                "proj_first applies to the BEV messages of attfuse and core "
+                f"(got method={self.method!r}, message={self.message!r})"
+            )
 
     @property
     def cooperative_training(self) -> bool:
@@ -301,8 +314,11 @@ class CooperativePerception(nn.Module):
 
     # -------------------------------------------------------------------------------- encoding
 
-    def encode_agents(self, batch: CoopBatch, agents: torch.Tensor) -> torch.Tensor:
-        """(len(agents), C, H, W) features of the given flat agents, each in its own frame."""
+    def encode_agents(self, batch: CoopBatch, agents: torch.Tensor, in_ego_frame: bool = False) -> torch.Tensor:
+        """(len(agents), C, H, W) features of the given flat agents, each in its own frame, or with
+        ``in_ego_frame`` in its sample's ego frame (:meth:`clouds_in_ego_frame`)."""
+        if in_ego_frame:
+            return self.encode_clouds(self.clouds_in_ego_frame(batch, agents))
         agent_of_voxel = batch.voxel_coords_bzyx[:, 0].long()
         position = torch.full((batch.num_agents,), -1, dtype=torch.long, device=agent_of_voxel.device)
         position[agents.to(agent_of_voxel.device)] = torch.arange(len(agents), device=agent_of_voxel.device)
@@ -313,13 +329,35 @@ class CooperativePerception(nn.Module):
 
     def encode_clouds(self, clouds: list[torch.Tensor]) -> torch.Tensor:
         """(len(clouds), C, H, W) features of point clouds given in the frame of their map."""
+        features, coords = self._voxelise_clouds(clouds)
+        return self.encoder(features, coords, len(clouds))
+
+    def _voxelise_clouds(self, clouds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, 4) voxel features and (V, 4) ``[cloud index, z, y, x]`` coords of ``clouds``."""
         features, coords = [], []
         for i, cloud in enumerate(clouds):
             voxels = self.voxelizer(cloud)
             features.append(voxels.features)
             index = torch.full((len(voxels), 1), i, dtype=torch.int32, device=voxels.coords_zyx.device)
             coords.append(torch.cat([index, voxels.coords_zyx], dim=1))
-        return self.encoder(torch.cat(features), torch.cat(coords), len(clouds))
+        return torch.cat(features), torch.cat(coords)
+
+    def clouds_in_ego_frame(self, batch: CoopBatch, agents: torch.Tensor) -> list[torch.Tensor]:
+        """(N_a, 4) points of each of the given flat agents in its sample's ego frame, as the agent
+        itself computes them: moved with its *measured* pose ``T_ego_from_agent_measured`` (what
+        every pose in a message header is made of). An ego's own points are returned as they are.
+        Points that fall outside the grid are dropped later by the voxeliser, as OpenCOOD's
+        ``proj_first`` drops them."""
+        egos = set(batch.ego_agent_index.tolist())
+        T = batch.T_ego_from_agent_measured.to(batch.points.device, torch.float32)  # (A, 4, 4)
+        clouds = []
+        for a in agents.tolist():
+            points = batch.agent_points(a)
+            if a not in egos:
+                xyz = points[:, :3] @ T[a, :3, :3].T + T[a, :3, 3]
+                points = torch.cat([xyz, points[:, 3:]], dim=1)
+            clouds.append(points)
+        return clouds
 
     def holistic_clouds(self, batch: CoopBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per sample, every agent's points moved into the ego frame with the true poses, and their
@@ -333,10 +371,15 @@ class CooperativePerception(nn.Module):
         semantic = [batch.point_semantic[sample_of_point == s] for s in range(batch.batch_size)]
         return clouds, semantic
 
-    def occupied_cells(self, batch: CoopBatch) -> torch.Tensor:
-        """(A, H, W) bool BEV cells in which each agent has at least one voxel (own frame)."""
+    def occupied_cells(self, batch: CoopBatch, in_ego_frame: bool = False) -> torch.Tensor:
+        """(A, H, W) bool BEV cells in which each agent has at least one voxel (own frame, or with
+        ``in_ego_frame`` its sample's ego frame as :meth:`clouds_in_ego_frame` puts it)."""
         h, w = self.bev_grid.shape
-        coords = batch.voxel_coords_bzyx.long()
+        if in_ego_frame:
+            all_agents = torch.arange(batch.num_agents, device=batch.points.device)
+            coords = self._voxelise_clouds(self.clouds_in_ego_frame(batch, all_agents))[1].long()
+        else:
+            coords = batch.voxel_coords_bzyx.long()
         out = torch.zeros(batch.num_agents, h, w, dtype=torch.bool, device=coords.device)
         out[coords[:, 0], coords[:, 2] // self.bev_stride, coords[:, 3] // self.bev_stride] = True
         return out
@@ -350,12 +393,16 @@ class CooperativePerception(nn.Module):
         fusion = self.config.fusion
         grid = self.bev_grid
         h, w = grid.shape
-        T_measured = batch.T_ego_from_agent_measured.cpu().numpy()
+        # Pose of each agent's map in the ego frame (message headers, request warps): the agent's
+        # measured pose, or the identity when it encoded in the ego frame (proj_first).
+        T_map = batch.T_ego_from_agent_measured.cpu().numpy()
+        if fusion.proj_first:
+            T_map = np.broadcast_to(np.eye(4), T_map.shape).copy()
         positions = batch.agent_position_m.cpu().numpy()
         occupied = None
         if fusion.compressor.selection == "nonempty" and self.compressor is not None:
             with self._on_senders():
-                occupied = self.occupied_cells(batch)  # (A, H, W), each sender's own voxels
+                occupied = self.occupied_cells(batch, fusion.proj_first)  # (A, H, W), in each map's frame
         need_confidence = fusion.method == "core" or fusion.compressor.selection == "confidence"
         if self.inference_only:
             confidence, compressed = self._per_agent_maps(batch, features, need_confidence)
@@ -399,13 +446,13 @@ class CooperativePerception(nn.Module):
                                 xyz.detach().cpu().numpy(), kp_features.detach().float().cpu().numpy()
                             )
                         )
-                        outgoing.append(Outgoing(agent_id, T_measured[a], CodecId.KEYPOINT_FEATURES, payload))
+                        outgoing.append(Outgoing(agent_id, T_map[a], CodecId.KEYPOINT_FEATURES, payload))
                         sent[agent_id] = kp_features
                         continue
                     request_in_agent = None
                     if fusion.compressor.selection == "request" and agent_id in requests:
                         request_map, T_ref_from_ego = requests[agent_id]
-                        T_agent_from_ego = invert_T(T_measured[a]) @ T_ref_from_ego
+                        T_agent_from_ego = invert_T(T_map[a]) @ T_ref_from_ego
                         request_t = torch.from_numpy(request_map.astype(np.float32)).to(features.device)
                         warped_request, _ = warp_to_ego(
                             request_t[None, None],
@@ -424,7 +471,7 @@ class CooperativePerception(nn.Module):
                     outgoing.append(
                         Outgoing(
                             agent_id,
-                            T_measured[a],
+                            T_map[a],
                             CodecId.SPARSE_BEV,
                             self.compressor.encode(compressed[a], mask),
                         )
@@ -675,9 +722,8 @@ class CooperativePerception(nn.Module):
                 )
             case "attfuse" | "core":
                 all_agents = torch.arange(batch.num_agents, device=ego.device)
-                fused = self._fuse_intermediate(
-                    batch, self.encode_agents(batch, all_agents), link, stats.records
-                )
+                features = self.encode_agents(batch, all_agents, self.config.fusion.proj_first)
+                fused = self._fuse_intermediate(batch, features, link, stats.records)
             case _:
                 raise ValueError(f"unknown fusion method {method!r}")
 

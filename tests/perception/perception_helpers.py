@@ -65,12 +65,15 @@ def fusion_config(method: str, **changes) -> FusionConfig:
     return FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection), **changes)
 
 
-def build_model(method: str, seed: int = 0, **changes) -> CooperativePerception:
-    """:func:`small_model_config` with ``method``'s fusion, in eval mode. Score threshold 0: an
-    untrained head still returns its best boxes, so they can be compared."""
+def build_model(method: str, seed: int = 0, proj_first: bool = False, **changes) -> CooperativePerception:
+    """:func:`small_model_config` with ``method``'s fusion (senders encoding in the ego frame with
+    ``proj_first``), in eval mode. Score threshold 0: an untrained head still returns its best
+    boxes, so they can be compared."""
     torch.manual_seed(seed)
     config = small_model_config(
-        fusion=fusion_config(method), detection=DetectionHeadConfig(score_threshold=0.0), **changes
+        fusion=fusion_config(method, proj_first=proj_first),
+        detection=DetectionHeadConfig(score_threshold=0.0),
+        **changes,
     )
     return CooperativePerception(config).eval()
 

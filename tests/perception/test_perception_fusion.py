@@ -22,25 +22,34 @@ from models.comm import LinkConfig, V2XLink
 from models.compressor import CompressorConfig
 from models.heads.reconstruction import ReconstructionConfig
 from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
+from sim.geometry import transform_points
+from sim.types import Semantic
 from v2x.message import HEADER_BYTES
 
 LINK = V2XLink(LinkConfig())
+PROJ_FIRST = ("attfuse_proj_first", "core_proj_first")
+"""Intermediate fusion with the senders encoding in the ego frame (``fusion.proj_first``)."""
+VARIANTS = (*FUSION_METHODS, *PROJ_FIRST)
+
+
+def base_method(variant: str) -> str:
+    return variant.removesuffix("_proj_first")
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, CooperativePerception]:
-    """One model per method, all with the weights of the "none" model where they share modules."""
-    out = {m: build_model(m) for m in FUSION_METHODS}
+    """One model per variant, all with the weights of the "none" model where they share modules."""
+    out = {m: build_model(base_method(m), proj_first=m in PROJ_FIRST) for m in VARIANTS}
     shared = out["none"].state_dict()
     for model in out.values():
         model.load_state_dict(shared, strict=False)
     return out
 
 
-@pytest.mark.parametrize("method", FUSION_METHODS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("agents", [(1,), (2,), (5,), (3, 1), (4, 2)])
-def test_shape_grid(models, method, agents):
-    model = models[method]
+def test_shape_grid(models, variant, agents):
+    model, method = models[variant], base_method(variant)
     samples = [synthetic_sample(10 * i + n, n) for i, n in enumerate(agents)]
     batch = CoopCollate(model.config.grid)(samples)
     with torch.no_grad():
@@ -63,7 +72,7 @@ def test_shape_grid(models, method, agents):
         assert all(r.nbytes > HEADER_BYTES and r.received for r in records)
 
 
-@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core"])
+@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core", *PROJ_FIRST])
 def test_one_agent_equals_the_single_agent_path(models, method):
     """With the ego alone, every method reduces to the ego-only model with the same weights."""
     batch = CoopCollate(models["none"].config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
@@ -78,7 +87,7 @@ def test_one_agent_equals_the_single_agent_path(models, method):
     assert output.link.bytes_per_frame() == [0, 0]
 
 
-@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core"])
+@pytest.mark.parametrize("method", ["early", "late", "attfuse", "core", *PROJ_FIRST])
 def test_results_do_not_depend_on_the_order_of_the_other_agents(models, method):
     sample = synthetic_sample(7, 4)
     collate = CoopCollate(models[method].config.grid)
@@ -161,6 +170,71 @@ def test_inconsistent_fusion_settings_are_rejected():
         FusionConfig(method="core").validate()
     with pytest.raises(ValueError, match="core method"):
         CooperativePerception(small_model_config(fusion=FusionConfig(method="attfuse", compressor=CompressorConfig(selection="request"))))
+    for method, message in [("late", "bev"), ("early", "bev"), ("attfuse", "keypoints")]:
+        with pytest.raises(ValueError, match="proj_first applies"):
+            FusionConfig(method=method, message=message, proj_first=True).validate()
+
+
+def test_proj_first_senders_move_their_points_with_the_measured_pose():
+    """Each sender voxelises its own points moved into the ego frame by its *measured* pose (what
+    the receiver would have warped with), the ego keeps its points, and the message header then
+    carries the identity: the receiver has nothing left to warp."""
+    sample = synthetic_sample(12, 3)
+    noisy = sample.T_ego_from_agent_measured.copy()
+    noisy[1:, 0, 3] += 0.7  # localisation error along x of both senders
+    sample = dataclasses.replace(sample, T_ego_from_agent_measured=noisy)
+    model = build_model("attfuse", proj_first=True)
+    batch = CoopCollate(model.config.grid)([sample])
+    clouds = model.clouds_in_ego_frame(batch, torch.arange(3))
+    torch.testing.assert_close(clouds[0], torch.from_numpy(sample.points[0]))
+    for a in (1, 2):
+        want = transform_points(noisy[a], sample.points[a].astype(np.float64))
+        np.testing.assert_allclose(clouds[a].numpy(), want, atol=1e-4)
+    headers = []
+    link = V2XLink(LinkConfig())
+    exchange = link.exchange
+
+    def spy(outgoing, *args, **kwargs):
+        headers.extend(m.T_ref_from_sender for m in outgoing)
+        return exchange(outgoing, *args, **kwargs)
+
+    link.exchange = spy
+    with torch.no_grad():
+        model(batch, link, with_loss=False)
+    assert len(headers) == 2
+    for T in headers:
+        np.testing.assert_array_equal(T, np.eye(4))
+
+
+def test_proj_first_puts_a_vehicle_only_a_sender_sees_at_its_ego_frame_cell():
+    """A vehicle the ego's cloud misses and a rotated, shifted sender sees: with proj_first the
+    sender's map holds it at the vehicle's cell in the ego frame, and fusing changes the ego's map
+    there (nonempty selection, enough cells for the whole sender map)."""
+    sample = synthetic_sample(23, 2, num_boxes=1)  # the vehicle within 10 m of the sender
+    box = sample.gt_boxes[0]
+    # take the vehicle's points out of the ego's cloud (semantic CAR), keep them in the sender's
+    ego_points = sample.points[0][sample.semantic[0] != int(Semantic.CAR)]
+    sample = dataclasses.replace(
+        sample,
+        points=[ego_points, sample.points[1]],
+        semantic=[sample.semantic[0][sample.semantic[0] != int(Semantic.CAR)], sample.semantic[1]],
+    )
+    assert (sample.semantic[1] == int(Semantic.CAR)).sum() > 20
+    torch.manual_seed(0)
+    compressor = CompressorConfig(channels=4, max_cells=4096, selection="nonempty")
+    config = small_model_config(fusion=FusionConfig(method="attfuse", compressor=compressor, proj_first=True))
+    model = CooperativePerception(config).eval()
+    batch = CoopCollate(model.config.grid)([sample])
+    with torch.no_grad():
+        senders = model.encode_agents(batch, torch.tensor([1]), in_ego_frame=True)
+        output, _ = model(batch, LINK, with_loss=False)
+        ego_only = model.encode_agents(batch, batch.ego_agent_index)
+    rows, cols, inside = model.bev_grid.cell_of(torch.tensor(box[None, :2], dtype=torch.float32))
+    assert bool(inside[0])
+    row, col = int(rows[0]), int(cols[0])
+    assert senders[0, :, row, col].abs().sum() > 0
+    changed = (output.fused_features[0] - ego_only[0]).abs().amax(dim=0) > 1e-6  # (H, W)
+    assert changed[row, col]
 
 
 @pytest.mark.parametrize("method, selection", [("attfuse", "confidence"), ("core", "request")])

@@ -26,17 +26,23 @@ from models.heads.detection import DetectionHeadConfig
 from models.perception import CooperativePerception, FusionConfig, PerceptionOutput, SenderClock
 
 LINK = V2XLink(LinkConfig())
-METHODS = ["none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core"]
+METHODS = [
+    "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core",
+    "attfuse_proj_first", "core_proj_first",
+]
 
 
 def make_model(method: str) -> CooperativePerception:
     """The small test model of ``method``; ``attfuse_keypoints``: keypoint messages,
-    ``attfuse_confidence``: BEV cells selected by the sender's confidence."""
+    ``attfuse_confidence``: BEV cells selected by the sender's confidence, ``*_proj_first``: the
+    senders encode in the ego frame."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
         "attfuse_confidence": FusionConfig(
             method="attfuse", compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence")
         ),
+        "attfuse_proj_first": fusion_config("attfuse", proj_first=True),
+        "core_proj_first": fusion_config("core", proj_first=True),
     }
     if method in variants:
         torch.manual_seed(0)
@@ -84,7 +90,9 @@ def assert_outputs_close(got: PerceptionOutput, want: PerceptionOutput, tol: flo
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["attfuse", "attfuse_keypoints", "attfuse_confidence", "core"])
+@pytest.mark.parametrize(
+    "method", ["attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first"]
+)
 def test_fusion_inference_path_equals_the_dense_path(batch, method):
     plain = make_model(method)
     want = run(plain, batch)
