@@ -9,7 +9,8 @@ method over ``--repeats`` runs after ``--warmup``:
 
 - **all agents**: ``model(batch, link, with_detections=True)``: every agent's encoder, the codec
   round trips, fusion, heads, decoding and NMS, serially in this one process;
-- **others' encoders**: the four other agents' encoders alone (they run on their own vehicles);
+- **others' encoders**: the four other agents' encoders alone (they run on their own vehicles;
+  with ``proj_first`` they include moving the points into the ego frame and voxelising them);
 - **ego side**: all agents minus others' encoders (late, attfuse, core; none and early run no
   encoder for the others): what the ego computes per frame when the others encode in parallel on
   their vehicles (their compression, codecs and, for late fusion, their heads and NMS are still
@@ -62,7 +63,10 @@ from models.threads import set_cpu_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("none", "early", "late", "attfuse", "attfuse_keypoints", "core", "core_reconstruction")
+METHODS = (
+    "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_proj_first", "core", "core_proj_first",
+    "core_reconstruction",
+)
 
 
 @dataclasses.dataclass
@@ -72,7 +76,8 @@ class Timings:
     Attributes:
         total: (R,) the whole forward, ``model(batch, link, with_detections=True)``.
         senders: (R,) the senders' own work inside those forwards (:class:`SenderClock`).
-        others_encoders: (R,) ``model.encode_agents(batch, others)`` alone.
+        others_encoders: (R,) ``model.encode_agents(batch, others)`` alone (in the ego frame for
+            ``proj_first`` models, points moved and voxelised included).
     """
 
     total: np.ndarray
@@ -120,7 +125,9 @@ def timed_interleaved(
                 total = clocked(lambda m=model: m(batch, link, with_loss=False, with_detections=True))
                 senders = 1000.0 * clock.seconds
                 model.sender_clock = None
-                encoders = clocked(lambda m=model: m.encode_agents(batch, others))
+                encoders = clocked(
+                    lambda m=model: m.encode_agents(batch, others, in_ego_frame=m.config.fusion.proj_first)
+                )
                 if i >= warmup:
                     runs[j]["total"].append(total)
                     runs[j]["senders"].append(senders)
