@@ -318,7 +318,7 @@ class CooperativePerception(nn.Module):
         """(len(agents), C, H, W) features of the given flat agents, each in its own frame, or with
         ``in_ego_frame`` in its sample's ego frame (:meth:`clouds_in_ego_frame`)."""
         if in_ego_frame:
-            return self.encode_clouds(self.clouds_in_ego_frame(batch, agents))
+            return self._encode_in_ego_frame(batch, agents)[0]
         agent_of_voxel = batch.voxel_coords_bzyx[:, 0].long()
         position = torch.full((batch.num_agents,), -1, dtype=torch.long, device=agent_of_voxel.device)
         position[agents.to(agent_of_voxel.device)] = torch.arange(len(agents), device=agent_of_voxel.device)
@@ -342,6 +342,20 @@ class CooperativePerception(nn.Module):
             coords.append(torch.cat([index, voxels.coords_zyx], dim=1))
         return torch.cat(features), torch.cat(coords)
 
+    def _encode_in_ego_frame(self, batch: CoopBatch, agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(agents), C, H, W) features of the given flat agents encoded in their sample's ego
+        frame, and the (V, 4) ``[index in agents, z, y, x]`` voxel coords they were encoded from."""
+        features, coords = self._voxelise_clouds(self.clouds_in_ego_frame(batch, agents))
+        return self.encoder(features, coords, len(agents)), coords
+
+    @staticmethod
+    def _points_moved(batch: CoopBatch, T_ego_from_agent: torch.Tensor) -> torch.Tensor:
+        """(P, 4) every point of the batch moved by its agent's (A, 4, 4) pose into its ego frame."""
+        T = T_ego_from_agent.to(batch.points.device, torch.float32)
+        T_point = T[batch.point_agent_index]  # (P, 4, 4)
+        xyz = torch.einsum("pij,pj->pi", T_point[:, :3, :3], batch.points[:, :3]) + T_point[:, :3, 3]
+        return torch.cat([xyz, batch.points[:, 3:]], dim=1)
+
     def clouds_in_ego_frame(self, batch: CoopBatch, agents: torch.Tensor) -> list[torch.Tensor]:
         """(N_a, 4) points of each of the given flat agents in its sample's ego frame, as the agent
         itself computes them: moved with its *measured* pose ``T_ego_from_agent_measured`` (what
@@ -349,37 +363,25 @@ class CooperativePerception(nn.Module):
         Points that fall outside the grid are dropped later by the voxeliser, as OpenCOOD's
         ``proj_first`` drops them."""
         egos = set(batch.ego_agent_index.tolist())
-        T = batch.T_ego_from_agent_measured.to(batch.points.device, torch.float32)  # (A, 4, 4)
-        clouds = []
-        for a in agents.tolist():
-            points = batch.agent_points(a)
-            if a not in egos:
-                xyz = points[:, :3] @ T[a, :3, :3].T + T[a, :3, 3]
-                points = torch.cat([xyz, points[:, 3:]], dim=1)
-            clouds.append(points)
-        return clouds
+        moved = self._points_moved(batch, batch.T_ego_from_agent_measured)
+        source = {True: batch.points, False: moved}
+        return [source[a in egos][batch.point_agent_index == a] for a in agents.tolist()]
 
     def holistic_clouds(self, batch: CoopBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per sample, every agent's points moved into the ego frame with the true poses, and their
         semantic classes: B (N_b, 4) float32 and B (N_b,) uint8 tensors."""
-        T = batch.T_ego_from_agent.to(batch.points.device, torch.float32)  # (A, 4, 4)
-        T_point = T[batch.point_agent_index]  # (P, 4, 4)
-        xyz = torch.einsum("pij,pj->pi", T_point[:, :3, :3], batch.points[:, :3]) + T_point[:, :3, 3]
-        moved = torch.cat([xyz, batch.points[:, 3:]], dim=1)
+        moved = self._points_moved(batch, batch.T_ego_from_agent)
         sample_of_point = batch.agent_sample_index.to(batch.points.device)[batch.point_agent_index]
         clouds = [moved[sample_of_point == s] for s in range(batch.batch_size)]
         semantic = [batch.point_semantic[sample_of_point == s] for s in range(batch.batch_size)]
         return clouds, semantic
 
-    def occupied_cells(self, batch: CoopBatch, in_ego_frame: bool = False) -> torch.Tensor:
-        """(A, H, W) bool BEV cells in which each agent has at least one voxel (own frame, or with
-        ``in_ego_frame`` its sample's ego frame as :meth:`clouds_in_ego_frame` puts it)."""
+    def occupied_cells(self, batch: CoopBatch, voxel_coords_bzyx: torch.Tensor | None = None) -> torch.Tensor:
+        """(A, H, W) bool BEV cells in which each agent has at least one voxel: of the batch's
+        voxels (own frame), or of the given ``[flat agent, z, y, x]`` coords (e.g. encoded in the
+        ego frame)."""
         h, w = self.bev_grid.shape
-        if in_ego_frame:
-            all_agents = torch.arange(batch.num_agents, device=batch.points.device)
-            coords = self._voxelise_clouds(self.clouds_in_ego_frame(batch, all_agents))[1].long()
-        else:
-            coords = batch.voxel_coords_bzyx.long()
+        coords = (batch.voxel_coords_bzyx if voxel_coords_bzyx is None else voxel_coords_bzyx).long()
         out = torch.zeros(batch.num_agents, h, w, dtype=torch.bool, device=coords.device)
         out[coords[:, 0], coords[:, 2] // self.bev_stride, coords[:, 3] // self.bev_stride] = True
         return out
@@ -387,9 +389,16 @@ class CooperativePerception(nn.Module):
     # ---------------------------------------------------------------------------------- fusion
 
     def _fuse_intermediate(
-        self, batch: CoopBatch, features: torch.Tensor, link: V2XLink, records: list[list[MessageRecord]]
+        self,
+        batch: CoopBatch,
+        features: torch.Tensor,
+        link: V2XLink,
+        records: list[list[MessageRecord]],
+        voxel_coords_bzyx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, C, H, W) fused maps from (A, C, H, W) per-agent features (attfuse, core)."""
+        """(B, C, H, W) fused maps from (A, C, H, W) per-agent features (attfuse, core);
+        ``voxel_coords_bzyx``: the voxels the maps were encoded from when not the batch's own
+        (proj_first)."""
         fusion = self.config.fusion
         grid = self.bev_grid
         h, w = grid.shape
@@ -402,7 +411,7 @@ class CooperativePerception(nn.Module):
         occupied = None
         if fusion.compressor.selection == "nonempty" and self.compressor is not None:
             with self._on_senders():
-                occupied = self.occupied_cells(batch, fusion.proj_first)  # (A, H, W), in each map's frame
+                occupied = self.occupied_cells(batch, voxel_coords_bzyx)  # (A, H, W), in each map's frame
         need_confidence = fusion.method == "core" or fusion.compressor.selection == "confidence"
         if self.inference_only:
             confidence, compressed = self._per_agent_maps(batch, features, need_confidence)
@@ -722,8 +731,12 @@ class CooperativePerception(nn.Module):
                 )
             case "attfuse" | "core":
                 all_agents = torch.arange(batch.num_agents, device=ego.device)
-                features = self.encode_agents(batch, all_agents, self.config.fusion.proj_first)
-                fused = self._fuse_intermediate(batch, features, link, stats.records)
+                coords = None
+                if self.config.fusion.proj_first:
+                    features, coords = self._encode_in_ego_frame(batch, all_agents)
+                else:
+                    features = self.encode_agents(batch, all_agents)
+                fused = self._fuse_intermediate(batch, features, link, stats.records, coords)
             case _:
                 raise ValueError(f"unknown fusion method {method!r}")
 
