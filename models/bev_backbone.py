@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["BevBackbone2d", "BevBackboneConfig"]
+__all__ = ["BevBackbone2d", "BevBackboneConfig", "PostFusionNeck"]
 
 
 @dataclass(frozen=True)
@@ -195,3 +195,42 @@ def _as_pointwise_conv(module: nn.ConvTranspose2d) -> nn.Module:
         if module.bias is not None:
             conv.bias.copy_(module.bias)
     return conv.eval()
+
+
+class PostFusionNeck(nn.Module):
+    """(N, C, H, W) -> (N, C, H, W): ``layers`` 3x3 convolutions (BatchNorm, ReLU) on a fused map,
+    before the heads; an identity with no layers.
+
+    AttFuse's attention has no weights and the heads are 1x1 convolutions, so without a neck the
+    heads must read a received vehicle straight from a per-cell mix of the ego's and the senders'
+    features. OpenCOOD's intermediate fusions fuse inside the 2D backbone and keep convolutions
+    (its deblocks) after the fusion; this neck gives every fusion method the same few layers there.
+    """
+
+    def __init__(self, channels: int, layers: int) -> None:
+        super().__init__()
+        if layers < 0:
+            raise ValueError(f"post-fusion layers must be >= 0, got {layers}")
+        convs: list[nn.Module] = []
+        for _ in range(layers):
+            convs += _conv(channels, channels, 1)
+        self.layers = nn.Sequential(*convs)
+        self.inference_only = False
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.layers(fused) if len(self.layers) else fused
+
+    def fuse_for_inference(self) -> PostFusionNeck:
+        """An eval-mode copy with batch norm folded into the convolutions, channels-last (as
+        :meth:`BevBackbone2d.fuse_for_inference`); this neck is left as it is."""
+        fused = copy.deepcopy(self).eval()
+        if len(fused.layers):
+            fused.layers = _fold_sequence(fused.layers)
+            fused.to(memory_format=torch.channels_last)
+        fused.inference_only = True
+        return fused
+
+    def train(self, mode: bool = True) -> PostFusionNeck:
+        if mode and self.inference_only:
+            raise RuntimeError("a neck folded for inference cannot be trained; train the original")
+        return super().train(mode)

@@ -44,6 +44,7 @@ from datasets.collate import CoopBatch
 from datasets.coop_dataset import Visibility
 from datasets.voxelize import VoxelGrid, Voxelizer
 from models.bev import ego_sampling_grid, warp_to_ego
+from models.bev_backbone import PostFusionNeck
 from models.comm import LinkStats, MessageRecord, Outgoing, Received, V2XLink
 from models.compressor import BevCompressor, CompressorConfig, straight_through
 from models.encoder import EncoderConfig, PointCloudEncoder
@@ -103,6 +104,11 @@ class FusionConfig:
             frame, the ego's (identity here). Off: each sender encodes in its own frame and the
             receiver warps the cells it gets. Projecting first keeps a vehicle's heading in the
             ego frame in the features, at the cost of one encoder pass per receiver on the sender.
+        post_layers: 3x3 convolutions on the fused map before the heads
+            (:class:`models.bev_backbone.PostFusionNeck`), the same for every method (for none and
+            late on the ego's own map, for late also on each sender's). The confidence maps that
+            pick cells to send are the head's on a sender's map through the neck. Not with core,
+            whose aggregation weighs the received maps by the head's confidence cell by cell.
     """
 
     method: Literal["none", "early", "late", "attfuse", "core"] = "none"
@@ -111,6 +117,7 @@ class FusionConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     keypoints: KeypointEncoderConfig = field(default_factory=KeypointEncoderConfig)
     proj_first: bool = False
+    post_layers: int = 0
 
     def validate(self) -> None:
         """Check that the settings fit together (separate from construction, so that overrides can
@@ -127,6 +134,13 @@ class FusionConfig:
             raise ValueError(
                 "proj_first applies to the BEV messages of attfuse and core "
                 f"(got method={self.method!r}, message={self.message!r})"
+            )
+        if self.post_layers < 0:
+            raise ValueError(f"fusion.post_layers must be >= 0, got {self.post_layers}")
+        if self.post_layers and self.method == "core":
+            raise ValueError(
+                "fusion.post_layers does not apply to core: its aggregation reads the head's "
+                "confidence on each received map, before any neck"
             )
 
     @property
@@ -250,6 +264,7 @@ class CooperativePerception(nn.Module):
         self.encoder = PointCloudEncoder(config.encoder, config.grid)
         self.bev_grid = self.encoder.bev_grid
         channels = self.encoder.out_channels
+        self.neck = PostFusionNeck(channels, config.fusion.post_layers)
         self.detection = DetectionHead(config.detection, channels, self.bev_grid)
         self.segmentation = (
             BevSegmentationHead(config.segmentation, channels) if config.segmentation.enabled else None
@@ -297,6 +312,7 @@ class CooperativePerception(nn.Module):
         """
         fused = copy.deepcopy(self).eval()
         fused.encoder = fused.encoder.fuse_for_inference()
+        fused.neck = fused.neck.fuse_for_inference()
         fused.inference_only = True
         fused.sender_clock = None
         return fused
@@ -418,7 +434,7 @@ class CooperativePerception(nn.Module):
         else:
             confidence = None
             if need_confidence:
-                confidence = self.detection.confidence(features)  # (A, H, W), each agent's own frame
+                confidence = self.detection.confidence(self.neck(features))  # (A, H, W), each agent's own frame
             compressed = None
             if self.compressor is not None:
                 with self._on_senders():
@@ -540,7 +556,7 @@ class CooperativePerception(nn.Module):
             senders = features[first + 1 : first + n]  # a sample's agents are consecutive, ego first
             with self._on_senders():
                 if confidence is not None:
-                    confidence[first + 1 : first + n] = list(self.detection.confidence(senders))
+                    confidence[first + 1 : first + n] = list(self.detection.confidence(self.neck(senders)))
                 if compressed is not None:
                     compressed[first + 1 : first + n] = list(self.compressor.compress(senders))
         return confidence, compressed
@@ -740,6 +756,7 @@ class CooperativePerception(nn.Module):
             case _:
                 raise ValueError(f"unknown fusion method {method!r}")
 
+        fused = self.neck(fused)  # (B, C, H, W), the map every head reads
         maps = self.detection(fused)
         seg_logits = self.segmentation(fused) if self.segmentation is not None else None
         run_reconstruction = self.reconstruction is not None and (with_loss or with_reconstruction)
@@ -784,7 +801,7 @@ class CooperativePerception(nn.Module):
         if len(others):
             others_features = self.encode_agents(batch, others.to(batch.points.device))
             with self._on_senders():
-                decoded = self.detection.decode(self.detection(others_features))
+                decoded = self.detection.decode(self.detection(self.neck(others_features)))
             own = dict(zip(others.tolist(), decoded, strict=True))
         T_measured = batch.T_ego_from_agent_measured.cpu().numpy()
         positions = batch.agent_position_m.cpu().numpy()

@@ -8,7 +8,7 @@ import spconv.pytorch as spconv
 import torch
 
 from datasets.voxelize import VoxelGrid, Voxelizer
-from models.bev_backbone import BevBackbone2d, BevBackboneConfig
+from models.bev_backbone import BevBackbone2d, BevBackboneConfig, PostFusionNeck
 from models.encoder import EncoderConfig, PointCloudEncoder
 from models.sparse_backbone import SparseBackbone3d, SparseBackboneConfig, conv_output_size
 
@@ -100,3 +100,29 @@ def test_invalid_sparse_configs_are_rejected():
     thin = VoxelGrid((-16.0, -16.0, -1.0, 16.0, 16.0, 0.0), (0.4, 0.4, 0.5))
     with pytest.raises(ValueError, match="too thin"):
         SparseBackbone3d(SparseBackboneConfig(), thin)
+
+
+def test_post_fusion_neck_is_an_identity_without_layers_and_folds_with_layers():
+    x = torch.randn(2, 12, 20, 20)
+    assert PostFusionNeck(12, 0)(x) is x
+    neck = PostFusionNeck(12, 2)
+    assert len([m for m in neck.modules() if isinstance(m, torch.nn.Conv2d)]) == 2
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # batch norms with statistics of their own, so folding has work to do
+        for m in neck.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.2 * torch.randn(12, generator=g))
+                m.running_var.copy_(torch.rand(12, generator=g) + 0.5)
+                m.weight.copy_(1.0 + 0.3 * torch.randn(12, generator=g))
+                m.bias.copy_(0.2 * torch.randn(12, generator=g))
+    neck.eval()
+    folded = neck.fuse_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        want = neck(x)
+        torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-4)
+    assert want.shape == x.shape and not torch.allclose(want, x)
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        folded.train()
+    with pytest.raises(ValueError, match=">= 0"):
+        PostFusionNeck(12, -1)

@@ -20,6 +20,7 @@ from perception_helpers import (
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
 from models.compressor import CompressorConfig
+from models.heads.detection import DetectionHeadConfig
 from models.heads.reconstruction import ReconstructionConfig
 from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
 from sim.geometry import transform_points
@@ -283,3 +284,79 @@ def test_confident_cells_without_voxels_are_sent_and_fused(method, selection, mo
     assert len(masks) == 1 and torch.equal(masks[0], expected)
     changed = (output.fused_features[0] - ego_only[0]).abs().amax(dim=0) > 1e-6  # (H, W)
     assert changed.any()
+
+
+POST = {
+    "none": fusion_config("none", post_layers=2),
+    "late": fusion_config("late", post_layers=2),
+    "early": fusion_config("early", post_layers=2),
+    "attfuse": fusion_config("attfuse", post_layers=2),
+    "attfuse_proj_first": FusionConfig(
+        method="attfuse",
+        compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence"),
+        proj_first=True,
+        post_layers=2,
+    ),
+}
+"""Every method that takes a post-fusion neck (``fusion.post_layers``), two layers each."""
+
+
+@pytest.fixture(scope="module")
+def post_models() -> dict[str, CooperativePerception]:
+    """One model per entry of POST, all with the weights of the "none" one where they share modules."""
+    out = {}
+    for name, fusion in POST.items():
+        torch.manual_seed(0)
+        config = small_model_config(fusion=fusion, detection=DetectionHeadConfig(score_threshold=0.0))
+        out[name] = CooperativePerception(config).eval()
+    shared = out["none"].state_dict()
+    for model in out.values():
+        model.load_state_dict(shared, strict=False)
+    return out
+
+
+@pytest.mark.parametrize("name", list(POST))
+@pytest.mark.parametrize("agents", [(1,), (3, 1)])
+def test_post_fusion_neck_runs_every_head_on_the_neck_output(post_models, name, agents):
+    model = post_models[name]
+    batch = CoopCollate(model.config.grid)([synthetic_sample(30 + n, n) for n in agents])
+    with torch.no_grad():
+        output, loss = model(batch, LINK, with_loss=True, with_detections=True)
+    h, w = model.bev_grid.shape
+    assert output.fused_features.shape == (len(agents), model.encoder.out_channels, h, w)
+    assert torch.isfinite(loss.total)
+    for detections in output.detections:
+        detections.validate()
+    # the heads read the neck's output: the detection logits are the head on fused_features
+    with torch.no_grad():
+        again = model.detection(output.fused_features)
+    torch.testing.assert_close(again.cls_logits, output.detection_maps.cls_logits)
+    if name == "none":
+        with torch.no_grad():
+            ego_only = model.neck(model.encode_agents(batch, batch.ego_agent_index))
+        torch.testing.assert_close(output.fused_features, ego_only)
+
+
+@pytest.mark.parametrize("name", ["late", "early", "attfuse", "attfuse_proj_first"])
+def test_post_fusion_neck_keeps_one_agent_equal_to_the_single_agent_path(post_models, name):
+    batch = CoopCollate(post_models["none"].config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
+    with torch.no_grad():
+        reference, _ = post_models["none"](batch, LINK, with_loss=False, with_detections=True)
+        output, _ = post_models[name](batch, LINK, with_loss=False, with_detections=True)
+    torch.testing.assert_close(output.fused_features, reference.fused_features, rtol=1e-5, atol=1e-5)
+    for got, want in zip(output.detections, reference.detections, strict=True):
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
+
+
+def test_post_fusion_neck_is_trained_and_rejected_where_it_does_not_apply():
+    model = CooperativePerception(small_model_config(fusion=POST["attfuse"])).train()
+    batch = CoopCollate(model.config.grid)([synthetic_sample(5, 2)])
+    _, loss = model(batch, LINK)
+    loss.total.backward()
+    conv = model.neck.layers[0]
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="does not apply to core"):
+        fusion_config("core", post_layers=1).validate()
+    with pytest.raises(ValueError, match=">= 0"):
+        fusion_config("attfuse", post_layers=-1).validate()

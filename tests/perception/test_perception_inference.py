@@ -28,14 +28,15 @@ from models.perception import CooperativePerception, FusionConfig, PerceptionOut
 LINK = V2XLink(LinkConfig())
 METHODS = [
     "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core",
-    "attfuse_proj_first", "core_proj_first",
+    "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post",
 ]
 
 
 def make_model(method: str) -> CooperativePerception:
     """The small test model of ``method``; ``attfuse_keypoints``: keypoint messages,
     ``attfuse_confidence``: BEV cells selected by the sender's confidence, ``*_proj_first``: the
-    senders encode in the ego frame."""
+    senders encode in the ego frame, ``*_post``: a two-layer post-fusion neck (``attfuse_post``:
+    with proj_first and cells selected by confidence through the neck)."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
         "attfuse_confidence": FusionConfig(
@@ -43,6 +44,13 @@ def make_model(method: str) -> CooperativePerception:
         ),
         "attfuse_proj_first": fusion_config("attfuse", proj_first=True),
         "core_proj_first": fusion_config("core", proj_first=True),
+        "late_post": fusion_config("late", post_layers=2),
+        "attfuse_post": FusionConfig(
+            method="attfuse",
+            compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence"),
+            proj_first=True,
+            post_layers=2,
+        ),
     }
     if method in variants:
         torch.manual_seed(0)
@@ -91,7 +99,8 @@ def assert_outputs_close(got: PerceptionOutput, want: PerceptionOutput, tol: flo
 
 
 @pytest.mark.parametrize(
-    "method", ["attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first"]
+    "method",
+    ["attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first", "attfuse_post"],
 )
 def test_fusion_inference_path_equals_the_dense_path(batch, method):
     plain = make_model(method)
