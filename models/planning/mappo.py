@@ -238,7 +238,25 @@ class MAPPOTrainer:
         self.env_steps += cfg.rollout_steps * e
         return buffer, episodes
 
+    def learning_rate_scale(self) -> float:
+        """Factor on the configured learning rates for the update of the current rollout: 1 without
+        ``ppo.lr_decay``; with it, ``1 - (env steps before this rollout) / total_steps`` (MAPPO's
+        linear schedule, per iteration), so the first update uses the full rates. A function of
+        the counters alone, so a resumed run continues the same schedule."""
+        if not self.config.ppo.lr_decay:
+            return 1.0
+        steps_per_iteration = self.config.rollout_steps * self.envs.num_envs
+        before = max(self.env_steps - steps_per_iteration, 0)
+        return max(1.0 - before / self.config.total_steps, 0.0)
+
     def update(self, buffer: RolloutBuffer) -> PPOStats:
+        scale = self.learning_rate_scale()
+        for optimizer, base in (
+            (self.actor_optimizer, self.config.ppo.actor_lr),
+            (self.critic_optimizer, self.config.ppo.critic_lr),
+        ):
+            for group in optimizer.param_groups:
+                group["lr"] = base * scale
         return ppo_update(
             self.actor,
             self.critic,

@@ -56,6 +56,9 @@ class PPOConfig:
     """recurrent policies: length of the training sequences"""
     value_norm: bool = True
     normalize_advantages: bool = True
+    lr_decay: bool = False
+    """decay both learning rates linearly to 0 over the learner's ``total_steps`` (MAPPO's
+    ``use_linear_lr_decay``), so that the last updates refine the policy instead of moving it"""
 
     def validate(self) -> None:
         problems = []

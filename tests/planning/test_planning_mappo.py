@@ -77,6 +77,34 @@ def test_variants_run_and_keep_finite_statistics(algorithm, continuous, recurren
     assert trainer.env_steps == 2 * 4 * 40
 
 
+def test_linear_learning_rate_decay_follows_the_env_steps_and_survives_a_resume():
+    torch.set_num_threads(1)
+    ppo = PPOConfig(actor_lr=2e-3, critic_lr=1e-3, epochs=1, minibatches=1, lr_decay=True)
+    config = _config(num_envs=2, rollout_steps=10, total_steps=80, ppo=ppo)  # 4 iterations of 20 steps
+    trainer = MAPPOTrainer([ReachEnv for _ in range(2)], config)
+    seen = []
+    while not trainer.done:
+        trainer.train_iteration()
+        seen.append((trainer.actor_optimizer.param_groups[0]["lr"], trainer.critic_optimizer.param_groups[0]["lr"]))
+    np.testing.assert_allclose([a for a, _ in seen], [2e-3, 1.5e-3, 1e-3, 0.5e-3])
+    np.testing.assert_allclose([c for _, c in seen], [1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    # resumed after two iterations, the schedule goes on where it was
+    resumed = MAPPOTrainer([ReachEnv for _ in range(2)], config)
+    first = MAPPOTrainer([ReachEnv for _ in range(2)], config)
+    first.train_iteration()
+    first.train_iteration()
+    resumed.load_state_dict(first.state_dict())
+    resumed.train_iteration()
+    assert resumed.actor_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    # without the option the rates stay as configured
+    plain = MAPPOTrainer([ReachEnv for _ in range(2)], _config(num_envs=2, rollout_steps=10, ppo=PPOConfig(actor_lr=2e-3)))
+    plain.train_iteration()
+    plain.train_iteration()
+    assert plain.actor_optimizer.param_groups[0]["lr"] == 2e-3
+    for t in (trainer, resumed, first, plain):
+        t.close()
+
+
 def test_checkpoint_state_round_trip_gives_the_same_policy():
     torch.set_num_threads(1)
     a = MAPPOTrainer([ReachEnv for _ in range(2)], _config(num_envs=2, rollout_steps=10))
