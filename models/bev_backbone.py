@@ -218,15 +218,14 @@ class PostFusionNeck(nn.Module):
         self.inference_only = False
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.layers(fused) if len(self.layers) else fused
+        return self.layers(fused)  # an empty Sequential returns its input
 
     def fuse_for_inference(self) -> PostFusionNeck:
         """An eval-mode copy with batch norm folded into the convolutions, channels-last (as
         :meth:`BevBackbone2d.fuse_for_inference`); this neck is left as it is."""
         fused = copy.deepcopy(self).eval()
-        if len(fused.layers):
-            fused.layers = _fold_sequence(fused.layers)
-            fused.to(memory_format=torch.channels_last)
+        fused.layers = _fold_sequence(fused.layers)
+        fused.to(memory_format=torch.channels_last)
         fused.inference_only = True
         return fused
 

@@ -59,9 +59,11 @@ def small_model_config(**changes) -> PerceptionModelConfig:
     return dataclasses.replace(base, **changes)
 
 
-def fusion_config(method: str, **changes) -> FusionConfig:
-    """Small compressed BEV messages (4 channels, at most 64 cells); CORE selects by request."""
-    selection = "request" if method == "core" else "nonempty"
+def fusion_config(method: str, selection: str | None = None, **changes) -> FusionConfig:
+    """Small compressed BEV messages (4 channels, at most 64 cells), picked by ``selection``:
+    by default CORE selects by request, the others the non-empty cells."""
+    if selection is None:
+        selection = "request" if method == "core" else "nonempty"
     return FusionConfig(method=method, compressor=CompressorConfig(channels=4, max_cells=64, selection=selection), **changes)
 
 

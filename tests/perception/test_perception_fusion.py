@@ -77,15 +77,22 @@ def test_shape_grid(models, variant, agents):
 def test_one_agent_equals_the_single_agent_path(models, method):
     """With the ego alone, every method reduces to the ego-only model with the same weights."""
     batch = CoopCollate(models["none"].config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
-    with torch.no_grad():
-        reference, _ = models["none"](batch, LINK, with_loss=False, with_detections=True)
-        output, _ = models[method](batch, LINK, with_loss=False, with_detections=True)
-    torch.testing.assert_close(output.fused_features, reference.fused_features, rtol=1e-5, atol=1e-5)
+    output, reference = assert_one_agent_equals_ego_only(models[method], models["none"], batch)
     torch.testing.assert_close(output.detection_maps.cls_logits, reference.detection_maps.cls_logits, rtol=1e-5, atol=1e-5)
+    assert output.link.bytes_per_frame() == [0, 0]
+
+
+def assert_one_agent_equals_ego_only(model: CooperativePerception, ego_only: CooperativePerception, batch):
+    """``model`` and the ego-only ``ego_only`` give the same fused maps and boxes on ``batch``
+    (samples of one agent); their two outputs."""
+    with torch.no_grad():
+        reference, _ = ego_only(batch, LINK, with_loss=False, with_detections=True)
+        output, _ = model(batch, LINK, with_loss=False, with_detections=True)
+    torch.testing.assert_close(output.fused_features, reference.fused_features, rtol=1e-5, atol=1e-5)
     for got, want in zip(output.detections, reference.detections, strict=True):
         assert len(got) == len(want) > 0
         np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
-    assert output.link.bytes_per_frame() == [0, 0]
+    return output, reference
 
 
 @pytest.mark.parametrize("method", ["early", "late", "attfuse", "core", *PROJ_FIRST])
@@ -291,12 +298,7 @@ POST = {
     "late": fusion_config("late", post_layers=2),
     "early": fusion_config("early", post_layers=2),
     "attfuse": fusion_config("attfuse", post_layers=2),
-    "attfuse_proj_first": FusionConfig(
-        method="attfuse",
-        compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence"),
-        proj_first=True,
-        post_layers=2,
-    ),
+    "attfuse_proj_first": fusion_config("attfuse", selection="confidence", proj_first=True, post_layers=2),
 }
 """Every method that takes a post-fusion neck (``fusion.post_layers``), two layers each."""
 
@@ -340,13 +342,7 @@ def test_post_fusion_neck_runs_every_head_on_the_neck_output(post_models, name, 
 @pytest.mark.parametrize("name", ["late", "early", "attfuse", "attfuse_proj_first"])
 def test_post_fusion_neck_keeps_one_agent_equal_to_the_single_agent_path(post_models, name):
     batch = CoopCollate(post_models["none"].config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
-    with torch.no_grad():
-        reference, _ = post_models["none"](batch, LINK, with_loss=False, with_detections=True)
-        output, _ = post_models[name](batch, LINK, with_loss=False, with_detections=True)
-    torch.testing.assert_close(output.fused_features, reference.fused_features, rtol=1e-5, atol=1e-5)
-    for got, want in zip(output.detections, reference.detections, strict=True):
-        assert len(got) == len(want) > 0
-        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
+    assert_one_agent_equals_ego_only(post_models[name], post_models["none"], batch)
 
 
 def test_post_fusion_neck_is_trained_and_rejected_where_it_does_not_apply():

@@ -21,9 +21,8 @@ from torch import nn
 
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
-from models.compressor import CompressorConfig
 from models.heads.detection import DetectionHeadConfig
-from models.perception import CooperativePerception, FusionConfig, PerceptionOutput, SenderClock
+from models.perception import CooperativePerception, PerceptionOutput, SenderClock
 
 LINK = V2XLink(LinkConfig())
 METHODS = [
@@ -39,18 +38,11 @@ def make_model(method: str) -> CooperativePerception:
     with proj_first and cells selected by confidence through the neck)."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
-        "attfuse_confidence": FusionConfig(
-            method="attfuse", compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence")
-        ),
+        "attfuse_confidence": fusion_config("attfuse", selection="confidence"),
         "attfuse_proj_first": fusion_config("attfuse", proj_first=True),
         "core_proj_first": fusion_config("core", proj_first=True),
         "late_post": fusion_config("late", post_layers=2),
-        "attfuse_post": FusionConfig(
-            method="attfuse",
-            compressor=CompressorConfig(channels=4, max_cells=64, selection="confidence"),
-            proj_first=True,
-            post_layers=2,
-        ),
+        "attfuse_post": fusion_config("attfuse", selection="confidence", proj_first=True, post_layers=2),
     }
     if method in variants:
         torch.manual_seed(0)
