@@ -20,6 +20,14 @@ Selection (``selection``):
 
 In each case at most ``max_cells`` cells are sent (0: no limit), best scores first, and a cell
 with a zero score is never sent.
+
+Training budget (``train_cells``): ``"max_cells"`` trains with the evaluation budget;
+``"random"`` draws each message's budget uniformly from 1 to every cell of the map while the
+module trains (Where2comm's training proxy: its ``Communication`` module sends a random fraction of
+the best cells in training and thresholds only at inference). With the fixed budget an untrained
+sender's confidence picks the cells, so early on the receiver mostly gets cells without the
+vehicles it cannot see and has little to learn from; the random budget shows it senders' features
+everywhere. Evaluation always uses ``max_cells``.
 """
 
 from __future__ import annotations
@@ -46,17 +54,21 @@ class CompressorConfig:
     channels: channels per cell on the air (1x1 convolution from the feature width).
     max_cells: cells per message at most (0: no limit).
     selection: ``"confidence"``, ``"request"`` or ``"nonempty"`` (see the module docstring).
+    train_cells: budget while training, ``"max_cells"`` or ``"random"`` (module docstring).
     value_format: feature values on the wire: float32, float16, int16 or int8.
     """
 
     channels: int = 16
     max_cells: int = 0
     selection: Literal["nonempty", "confidence", "request"] = "confidence"
+    train_cells: Literal["max_cells", "random"] = "max_cells"
     value_format: Literal["float32", "float16", "int16", "int8"] = "float16"
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.max_cells < 0:
             raise ValueError("CompressorConfig: channels must be >= 1 and max_cells >= 0")
+        if self.train_cells not in ("max_cells", "random"):
+            raise ValueError(f"CompressorConfig: train_cells must be 'max_cells' or 'random', got {self.train_cells!r}")
 
     def codec(self) -> SparseBEVCodec:
         return SparseBEVCodec(fmt=_FORMATS[self.value_format], compression=Compression.ZSTD)
@@ -84,12 +96,21 @@ class BevCompressor(nn.Module):
     def decompress(self, compressed: torch.Tensor) -> torch.Tensor:
         return self.decoder(compressed)
 
+    def budget(self, num_cells: int) -> int:
+        """Cells one message may carry (0: no limit): ``max_cells``, or while training with
+        ``train_cells="random"`` a draw from 1..``num_cells`` (torch's global generator, so
+        seeded runs repeat)."""
+        if self.training and self.config.train_cells == "random":
+            return int(torch.randint(1, num_cells + 1, ()).item())
+        return self.config.max_cells
+
     def select(self, score: torch.Tensor) -> torch.Tensor:
-        """(H, W) bool cells to send: the ``max_cells`` best positive scores (ties: lower index)."""
+        """(H, W) bool cells to send: the :meth:`budget` best positive scores (ties: lower index)."""
         flat = score.detach().reshape(-1)
         candidates = torch.nonzero(flat > 0).squeeze(1)
-        if self.config.max_cells and candidates.numel() > self.config.max_cells:
-            order = torch.argsort(-flat[candidates], stable=True)[: self.config.max_cells]
+        budget = self.budget(flat.numel())
+        if budget and candidates.numel() > budget:
+            order = torch.argsort(-flat[candidates], stable=True)[:budget]
             candidates = candidates[order]
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[candidates] = True

@@ -91,6 +91,25 @@ def test_compressor_selects_best_cells_and_encodes_only_them():
     np.testing.assert_allclose(decoded.to_dense(), (compressed * mask).detach().numpy(), atol=2e-3)
 
 
+def test_random_training_budget_draws_per_message_and_keeps_the_best_cells():
+    config = CompressorConfig(channels=4, max_cells=3, train_cells="random")
+    compressor = BevCompressor(config, in_channels=8)
+    score = torch.arange(1, 31, dtype=torch.float32).reshape(5, 6)  # every cell positive, all distinct
+    torch.manual_seed(0)
+    counts = [int(compressor.select(score).sum()) for _ in range(200)]
+    assert min(counts) >= 1 and max(counts) <= 30 and len(set(counts)) > 10  # a fresh draw each time
+    assert max(counts) > 3  # the evaluation cap does not bind while training
+    mask = compressor.select(score)
+    k = int(mask.sum())
+    assert mask.reshape(-1)[-k:].all() and not mask.reshape(-1)[:-k].any()  # the k best cells
+    torch.manual_seed(0)
+    assert [int(compressor.select(score).sum()) for _ in range(200)] == counts  # seeded: repeats
+    compressor.eval()
+    assert all(int(compressor.select(score).sum()) == 3 for _ in range(20))  # evaluation: max_cells
+    with pytest.raises(ValueError, match="train_cells"):
+        CompressorConfig(train_cells="all")
+
+
 def test_straight_through_uses_decoded_values_forward_and_sent_gradient_backward():
     sent = torch.tensor([1.0, 2.0], requires_grad=True)
     received = straight_through(sent, np.array([1.5, 2.5], dtype=np.float32))
