@@ -83,3 +83,37 @@ def test_eval_refuses_a_method_whose_weights_were_not_trained(trained, tmp_path,
             "model.fusion.compressor.selection=request"]
     assert evaluate.main(args) == 2
     assert "no weights for aggregation" in capsys.readouterr().err
+
+
+def hidden_confidence(run: Path, root: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "hidden_confidence.py"), "--checkpoint", str(run), "--data", str(root),
+         "--every", "1", "--out", str(out), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_hidden_confidence_bench_reports_every_map_and_its_budget(trained, tmp_path):
+    root, run = trained
+    result = hidden_confidence(run, root, tmp_path / "configured")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "configured" / "hidden_confidence.json").read_text())
+    assert report["frames"] == 2 * 3 and report["boxes"]["visible"] > 0
+    maps = {"ego only", "best sender", "fused, all cells", "fused"}
+    for group in ("hidden", "visible"):
+        assert set(report["median_at_centres"][group]) == maps
+        assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in report["median_at_centres"][group].values())
+    assert all(0.0 <= v <= 1.0 for v in report["background_p999"].values())
+    share = report["attention_sender_share_at_hidden"]
+    assert share is not None and (math.isnan(share) or 0.0 <= share <= 1.0)  # attfuse: the probe ran
+    assert "| fused, all cells |" in result.stdout
+
+    # without a cell budget the configured fused map is the all-cells one, box for box
+    unlimited = hidden_confidence(run, root, tmp_path / "unlimited", "model.fusion.compressor.max_cells=0")
+    assert unlimited.returncode == 0, unlimited.stderr
+    report = json.loads((tmp_path / "unlimited" / "hidden_confidence.json").read_text())
+    assert report["median_at_centres"]["visible"]["fused"] == report["median_at_centres"]["visible"]["fused, all cells"]
+    assert report["background_p999"]["fused"] == report["background_p999"]["fused, all cells"]
+
+    early = hidden_confidence(run, root, tmp_path / "early", "model.fusion.method=early")
+    assert early.returncode == 2 and "intermediate fusion" in early.stderr
