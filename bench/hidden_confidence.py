@@ -17,7 +17,7 @@ the box centre (the head reads one cell per anchor), on:
 
 The background is every cell more than ``--background-m`` from any labelled box centre; its
 99.9th percentile on each map is the level a box must clear to be found at a useful threshold.
-For attfuse the share of attention the ego gives the senders at the hidden centres is printed
+For attfuse with attention (``fusion.combine``) the share of attention the ego gives the senders at the hidden centres is printed
 too (1 - the weight of its own row; the median over centres covered by a received map).
 
 Prints a markdown table (medians over boxes) and writes ``hidden_confidence.json`` to ``--out``.
@@ -42,6 +42,7 @@ from models.bev import warp_to_ego
 from models.comm import V2XLink
 from models.config import ConfigError
 from models.experiment import load_experiment, resolve_device
+from models.fusion.attfuse import AttentionFusion
 from models.perception import CooperativePerception
 
 MAPS = ("ego only", "best sender", "fused, all cells", "fused")
@@ -97,7 +98,8 @@ class AttentionProbe:
 
     def __init__(self, model: CooperativePerception) -> None:
         self.sender_share: torch.Tensor | None = None  # (H, W), NaN where no sender's map arrived
-        self.handle = model.attention.register_forward_hook(self._hook) if hasattr(model, "attention") else None
+        attends = isinstance(model.attention, AttentionFusion)  # attfuse with combine=attention
+        self.handle = model.attention.register_forward_hook(self._hook) if attends else None
 
     def _hook(self, module, inputs, output) -> None:
         features, valid = inputs  # (A, C, H, W), (A, 1, H, W)

@@ -48,7 +48,7 @@ from models.bev_backbone import PostFusionNeck
 from models.comm import LinkStats, MessageRecord, Outgoing, Received, V2XLink
 from models.compressor import BevCompressor, CompressorConfig, straight_through
 from models.encoder import EncoderConfig, PointCloudEncoder
-from models.fusion.attfuse import AttentionFusion
+from models.fusion.attfuse import AttentionFusion, MaxFusion
 from models.fusion.core import AttentiveAggregation, CoreConfig
 from models.fusion.early import share_points
 from models.fusion.late import detection_set, merge_detections
@@ -104,6 +104,9 @@ class FusionConfig:
             frame, the ego's (identity here). Off: each sender encodes in its own frame and the
             receiver warps the cells it gets. Projecting first keeps a vehicle's heading in the
             ego frame in the features, at the cost of one encoder pass per receiver on the sender.
+        combine: how attfuse combines the agents' maps at a cell: ``"attention"`` (OpenCOOD's
+            AttFusion) or ``"max"`` (F-Cooper's element-wise maximum,
+            :class:`models.fusion.attfuse.MaxFusion`).
         post_layers: 3x3 convolutions on the fused map before the heads
             (:class:`models.bev_backbone.PostFusionNeck`), the same for every method (for none and
             late on the ego's own map, for late also on each sender's). The confidence maps that
@@ -117,6 +120,7 @@ class FusionConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     keypoints: KeypointEncoderConfig = field(default_factory=KeypointEncoderConfig)
     proj_first: bool = False
+    combine: Literal["attention", "max"] = "attention"
     post_layers: int = 0
 
     def validate(self) -> None:
@@ -135,6 +139,10 @@ class FusionConfig:
                 "proj_first applies to the BEV messages of attfuse and core "
                 f"(got method={self.method!r}, message={self.message!r})"
             )
+        if self.combine not in ("attention", "max"):
+            raise ValueError(f"fusion.combine must be 'attention' or 'max', got {self.combine!r}")
+        if self.combine != "attention" and self.method != "attfuse":
+            raise ValueError(f"fusion.combine={self.combine!r} applies to attfuse only (got {self.method!r})")
         if self.post_layers < 0:
             raise ValueError(f"fusion.post_layers must be >= 0, got {self.post_layers}")
         if self.post_layers and self.method == "core":
@@ -280,7 +288,9 @@ class CooperativePerception(nn.Module):
             if fusion.method in ("attfuse", "core") and fusion.message == "bev"
             else None
         )
-        self.attention = AttentionFusion() if fusion.method == "attfuse" else None
+        self.attention = None
+        if fusion.method == "attfuse":
+            self.attention = MaxFusion() if fusion.combine == "max" else AttentionFusion()
         self.aggregation = AttentiveAggregation(fusion.core, channels) if fusion.method == "core" else None
         if fusion.message == "keypoints":
             self.keypoint_encoder = KeypointEncoder(fusion.keypoints, self.bev_grid)
@@ -563,7 +573,7 @@ class CooperativePerception(nn.Module):
 
     def _aggregate(self, stacked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) maps in the ego frame (the ego's first) + (n, 1, H, W) validity -> (C, H, W)
-        fused by attention (attfuse) or attentive aggregation on the maps' confidence (core). Every
+        fused by attention or the maximum (attfuse) or attentive aggregation on the maps' confidence (core). Every
         step is per cell, so H x W may be any set of cells laid out as a map (the inference path
         passes (1, cells))."""
         if self.config.fusion.method == "attfuse":

@@ -5,6 +5,12 @@ the ego frame) attend to each other; the ego's row of the attention output is th
 Like OpenCOOD's module it has no learned weights: queries, keys and values are the features
 themselves. Agents whose warped map does not cover a cell, or whose message did not arrive, are
 masked out there, so the result does not depend on the order of the other agents.
+
+:class:`MaxFusion` is F-Cooper's maxout fusion (Chen et al., 2019; OpenCOOD's ``fcooper``), the
+``fusion.combine: max`` alternative: the element-wise maximum over the agents that cover a cell.
+Attention returns a convex mix of the agents' vectors, so where only a sender sees a vehicle its
+features arrive diluted by the ego's (docs/results.md measures that); the maximum passes them on
+at full strength.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["AttentionFusion"]
+__all__ = ["AttentionFusion", "MaxFusion"]
 
 
 class AttentionFusion(nn.Module):
@@ -31,3 +37,13 @@ class AttentionFusion(nn.Module):
         attention = torch.softmax(scores, dim=-1)  # (HW, 1, A)
         fused = attention @ x  # (HW, 1, C)
         return fused[:, 0].T.reshape(c, h, w)
+
+
+class MaxFusion(nn.Module):
+    """(A, C, H, W) features of one sample (ego first) + (A, 1, H, W) validity -> (C, H, W): the
+    element-wise maximum over the agents valid at each cell (the ego always is)."""
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        mask = valid.clone()
+        mask[0] = True
+        return features.masked_fill(~mask, float("-inf")).amax(dim=0)

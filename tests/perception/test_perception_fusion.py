@@ -20,6 +20,7 @@ from perception_helpers import (
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
 from models.compressor import CompressorConfig
+from models.fusion.attfuse import MaxFusion
 from models.heads.detection import DetectionHeadConfig
 from models.heads.reconstruction import ReconstructionConfig
 from models.perception import FUSION_METHODS, CooperativePerception, FusionConfig
@@ -171,7 +172,39 @@ def test_inference_skips_reconstruction_unless_asked_and_detections_do_not_depen
     np.testing.assert_array_equal(plain.detections[0].boxes, asked.detections[0].boxes)
 
 
+def test_max_fusion_takes_the_largest_value_of_the_agents_covering_each_cell():
+    features = torch.tensor([[[[1.0, 5.0]]], [[[3.0, 9.0]]], [[[2.0, 7.0]]]])  # (A=3, C=1, H=1, W=2)
+    valid = torch.tensor([[[[False, False]]], [[[True, False]]], [[[True, True]]]])  # the ego's row is ignored
+    torch.testing.assert_close(MaxFusion()(features, valid), torch.tensor([[[3.0, 7.0]]]))
+    # nothing received: the ego's own map, negative values included
+    ego = torch.tensor([[[[-1.0, 0.5]]]])
+    torch.testing.assert_close(MaxFusion()(ego, torch.zeros(1, 1, 1, 2, dtype=torch.bool)), ego[0])
+
+
+def test_max_fusion_model_keeps_one_agent_equal_and_passes_a_senders_vehicle_at_full_strength(models):
+    torch.manual_seed(0)
+    config = small_model_config(
+        fusion=fusion_config("attfuse", selection="confidence", combine="max"),
+        detection=DetectionHeadConfig(score_threshold=0.0),
+    )
+    maxfuse = CooperativePerception(config).eval()
+    maxfuse.load_state_dict(models["none"].state_dict(), strict=False)
+    batch = CoopCollate(config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
+    assert_one_agent_equals_ego_only(maxfuse, models["none"], batch)
+    # with others, the fused map is at least the ego's own everywhere and above it somewhere
+    batch = CoopCollate(config.grid)([synthetic_sample(7, 3)])
+    with torch.no_grad():
+        output, _ = maxfuse(batch, LINK, with_loss=False)
+        own = maxfuse.encode_agents(batch, batch.ego_agent_index)
+    assert bool((output.fused_features >= own - 1e-6).all())
+    assert bool((output.fused_features > own + 1e-4).any())
+
+
 def test_inconsistent_fusion_settings_are_rejected():
+    with pytest.raises(ValueError, match="attfuse only"):
+        fusion_config("core", combine="max").validate()
+    with pytest.raises(ValueError, match="combine"):
+        fusion_config("attfuse", combine="mean").validate()
     with pytest.raises(ValueError, match="attfuse only"):
         FusionConfig(method="core", message="keypoints", compressor=CompressorConfig(selection="request")).validate()
     with pytest.raises(ValueError, match="selection=request"):

@@ -27,7 +27,7 @@ from models.perception import CooperativePerception, PerceptionOutput, SenderClo
 LINK = V2XLink(LinkConfig())
 METHODS = [
     "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core",
-    "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post",
+    "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post", "attfuse_max",
 ]
 
 
@@ -35,7 +35,8 @@ def make_model(method: str) -> CooperativePerception:
     """The small test model of ``method``; ``attfuse_keypoints``: keypoint messages,
     ``attfuse_confidence``: BEV cells selected by the sender's confidence, ``*_proj_first``: the
     senders encode in the ego frame, ``*_post``: a two-layer post-fusion neck (``attfuse_post``:
-    with proj_first and cells selected by confidence through the neck)."""
+    with proj_first and cells selected by confidence through the neck), ``attfuse_max``: F-Cooper's
+    element-wise maximum instead of attention."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
         "attfuse_confidence": fusion_config("attfuse", selection="confidence"),
@@ -43,6 +44,7 @@ def make_model(method: str) -> CooperativePerception:
         "core_proj_first": fusion_config("core", proj_first=True),
         "late_post": fusion_config("late", post_layers=2),
         "attfuse_post": fusion_config("attfuse", selection="confidence", proj_first=True, post_layers=2),
+        "attfuse_max": fusion_config("attfuse", selection="confidence", combine="max"),
     }
     if method in variants:
         torch.manual_seed(0)
@@ -92,7 +94,10 @@ def assert_outputs_close(got: PerceptionOutput, want: PerceptionOutput, tol: flo
 
 @pytest.mark.parametrize(
     "method",
-    ["attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first", "attfuse_post"],
+    [
+        "attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first",
+        "attfuse_post", "attfuse_max",
+    ],
 )
 def test_fusion_inference_path_equals_the_dense_path(batch, method):
     plain = make_model(method)
