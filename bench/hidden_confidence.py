@@ -41,7 +41,7 @@ from datasets.io import atomic_write_text
 from models.bev import warp_to_ego
 from models.comm import V2XLink
 from models.config import ConfigError
-from models.experiment import load_experiment, resolve_device
+from models.experiment import load_experiment, load_trained, resolve_device, run_paths
 from models.fusion.attfuse import AttentionFusion
 from models.perception import CooperativePerception
 
@@ -50,7 +50,7 @@ MAPS = ("ego only", "best sender", "fused, all cells", "fused")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="run folder of tools/train.py")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="run folder of tools/train.py (or its checkpoint.pt)")
     parser.add_argument("--data", type=Path, required=True, help="dataset root or split folder")
     parser.add_argument("--split", default="test", help="split under --data (default: test)")
     parser.add_argument("--every", type=int, default=2, help="use every N-th frame (default: 2)")
@@ -61,15 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.every < 1 or args.background_m <= 0:
         parser.error("--every must be >= 1 and --background-m > 0")
     return args
-
-
-def load_model(run: Path, cfg, device: torch.device) -> CooperativePerception:
-    model = CooperativePerception(cfg.model).to(device)
-    state = torch.load(run / "checkpoint.pt", map_location=device, weights_only=False)["model"]
-    missing, _ = model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"the checkpoint has no weights for {', '.join(missing[:5])}")
-    return model.eval()
 
 
 def around_centres(confidence: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> np.ndarray:
@@ -101,24 +92,20 @@ class AttentionProbe:
         attends = isinstance(model.attention, AttentionFusion)  # attfuse with combine=attention
         self.handle = model.attention.register_forward_hook(self._hook) if attends else None
 
-    def _hook(self, module, inputs, output) -> None:
+    def _hook(self, module: AttentionFusion, inputs, output) -> None:
         features, valid = inputs  # (A, C, H, W), (A, 1, H, W)
-        _, c, h, w = features.shape
-        x = features.flatten(2).permute(2, 0, 1)  # (HW, A, C)
-        scores = x[:, :1] @ x.transpose(1, 2) / c**0.5  # (HW, 1, A)
-        mask = valid.flatten(2).permute(2, 1, 0).clone()
-        mask[..., 0] = True
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)[:, 0]  # (HW, A)
-        share = 1.0 - weights[:, 0]
-        share[~mask[:, 0, 1:].any(dim=1)] = float("nan")
+        h, w = features.shape[-2:]
+        share = 1.0 - module.weights(features, valid)[:, 0, 0]  # (HW,)
+        share[~valid[1:].flatten(1).any(dim=0)] = float("nan")  # no sender's map covers the cell
         self.sender_share = share.reshape(h, w)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-    if not (run / "checkpoint.pt").is_file() or not (run / "config.yaml").is_file():
-        print(f"error: {run} has no checkpoint.pt and config.yaml", file=sys.stderr)
+    try:
+        run, checkpoint = run_paths(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         cfg = load_experiment(run / "config.yaml", args.overrides)
@@ -135,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = load_model(run, cfg, device)
     all_cells = load_experiment(run / "config.yaml", [*args.overrides, "model.fusion.compressor.max_cells=0"])
-    model_all_cells = load_model(run, all_cells, device)
+    try:
+        model, _ = load_trained(cfg, checkpoint, device)
+        model_all_cells, _ = load_trained(all_cells, checkpoint, device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     probe = AttentionProbe(model_all_cells)
     link = V2XLink(cfg.link)
     frames = range(0, len(dataset), args.every)

@@ -21,7 +21,7 @@ import torch
 from datasets.coop_dataset import CoopDataset, CoopDatasetConfig
 from models.comm import LinkConfig
 from models.config import load_config
-from models.perception import PerceptionModelConfig
+from models.perception import CooperativePerception, PerceptionModelConfig
 
 __all__ = ["EvalConfig", "ExperimentConfig", "TrainConfig", "load_experiment", "resolve_device"]
 
@@ -138,6 +138,30 @@ def load_experiment(path: str | Path | None, overrides: list[str] | tuple[str, .
     config = load_config(ExperimentConfig, path, overrides)
     config.validate()
     return config
+
+
+def run_paths(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint file) of a run folder of tools/train.py or of a checkpoint file in
+    one; FileNotFoundError when the checkpoint or the run's config.yaml is missing."""
+    run = path if path.is_dir() else path.parent
+    checkpoint = run / "checkpoint.pt" if path.is_dir() else path
+    if not checkpoint.is_file() or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} has no checkpoint.pt and config.yaml")
+    return run, checkpoint
+
+
+def load_trained(
+    config: ExperimentConfig, checkpoint: Path, device: torch.device
+) -> tuple[CooperativePerception, list[str]]:
+    """The eval-mode model of ``config`` on ``device`` with the weights of ``checkpoint``, and the
+    checkpoint's tensors it does not use (another fusion method may leave modules of the trained
+    one unused); ValueError when the checkpoint lacks weights the model needs."""
+    model = CooperativePerception(config.model).to(device)
+    state = torch.load(checkpoint, map_location=device, weights_only=False)["model"]
+    missing, unused = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"the checkpoint has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return model.eval(), list(unused)
 
 
 def resolve_device(name: str) -> torch.device:

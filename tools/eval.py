@@ -39,9 +39,8 @@ from datasets.evaluation import DetectionEvaluator, SegmentationEvaluator
 from datasets.io import atomic_write_text
 from models.comm import V2XLink
 from models.config import ConfigError, save_resolved
-from models.experiment import load_experiment, resolve_device
+from models.experiment import load_experiment, load_trained, resolve_device, run_paths
 from models.heads.segmentation import SEGMENTATION_CLASSES
-from models.perception import CooperativePerception
 from models.threads import set_cpu_threads
 
 
@@ -98,10 +97,10 @@ def markdown(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-    checkpoint = run / "checkpoint.pt" if args.checkpoint.is_dir() else args.checkpoint
-    if not checkpoint.is_file() or not (run / "config.yaml").is_file():
-        print(f"error: {run} has no checkpoint.pt and config.yaml", file=sys.stderr)
+    try:
+        run, checkpoint = run_paths(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         cfg = load_experiment(run / "config.yaml", args.overrides)
@@ -119,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model = CooperativePerception(cfg.model).to(device)
-    # another fusion method may leave modules of the trained one unused, but none may be missing
-    missing, unused = model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["model"], strict=False)
-    if missing:
-        print(f"error: the checkpoint has no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    try:
+        model, unused = load_trained(cfg, checkpoint, device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if unused:
         print(f"note: {len(unused)} trained tensors are unused by {cfg.model.fusion.method} fusion")
-    model.eval()
     link = V2XLink(cfg.link)
     count = len(dataset) if not args.max_samples else min(args.max_samples, len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, range(count)), batch_size=1, collate_fn=CoopCollate(cfg.model.grid))

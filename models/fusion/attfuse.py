@@ -26,16 +26,21 @@ __all__ = ["AttentionFusion", "MaxFusion"]
 class AttentionFusion(nn.Module):
     """(A, C, H, W) features of one sample (ego first) + (A, 1, H, W) validity -> (C, H, W)."""
 
-    def forward(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = features.shape
+    def weights(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(H*W, 1, A) attention of the ego's row over the agents at every cell (0 where masked)."""
+        c = features.shape[1]
         x = features.flatten(2).permute(2, 0, 1)  # (HW, A, C)
         query = x[:, :1]  # (HW, 1, C): the ego's row
         scores = query @ x.transpose(1, 2) / math.sqrt(c)  # (HW, 1, A)
         mask = valid.flatten(2).permute(2, 1, 0).clone()  # (HW, 1, A)
         mask[..., 0] = True  # the ego always attends to itself
         scores = scores.masked_fill(~mask, float("-inf"))
-        attention = torch.softmax(scores, dim=-1)  # (HW, 1, A)
-        fused = attention @ x  # (HW, 1, C)
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = features.shape
+        x = features.flatten(2).permute(2, 0, 1)  # (HW, A, C)
+        fused = self.weights(features, valid) @ x  # (HW, 1, C)
         return fused[:, 0].T.reshape(c, h, w)
 
 
