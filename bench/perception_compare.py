@@ -41,7 +41,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (
     "none", "late", "early", "attfuse", "attfuse_keypoints", "attfuse_proj_first", "core", "core_proj_first",
-    "core_reconstruction",
+    "core_reconstruction", "attfuse_before_2d",
 )
 TRAINED_AS = {"late": "none"}
 

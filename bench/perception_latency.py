@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = (
     "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_proj_first", "core", "core_proj_first",
-    "core_reconstruction",
+    "core_reconstruction", "attfuse_before_2d",
 )
 
 
@@ -77,7 +77,9 @@ class Timings:
         total: (R,) the whole forward, ``model(batch, link, with_detections=True)``.
         senders: (R,) the senders' own work inside those forwards (:class:`SenderClock`).
         others_encoders: (R,) ``model.encode_agents(batch, others)`` alone (in the ego frame for
-            ``proj_first`` models, points moved and voxelised included).
+            ``proj_first`` models, points moved and voxelised included; the sparse backbone only
+            for models fused before the 2D backbone, whose senders run their 2D backbone for the
+            confidence that picks cells, counted in ``senders``).
     """
 
     total: np.ndarray
@@ -126,7 +128,12 @@ def timed_interleaved(
                 senders = 1000.0 * clock.seconds
                 model.sender_clock = None
                 encoders = clocked(
-                    lambda m=model: m.encode_agents(batch, others, in_ego_frame=m.config.fusion.proj_first)
+                    lambda m=model: m.encode_agents(
+                        batch,
+                        others,
+                        in_ego_frame=m.config.fusion.proj_first,
+                        bev_backbone=not m.config.fusion.before_bev_backbone,
+                    )
                 )
                 if i >= warmup:
                     runs[j]["total"].append(total)

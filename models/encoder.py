@@ -45,14 +45,19 @@ class PointCloudEncoder(nn.Module):
         self.out_channels = self.bev.out_channels
 
     def forward(
-        self, voxel_features: torch.Tensor, coords_bzyx: torch.Tensor, num_clouds: int
+        self,
+        voxel_features: torch.Tensor,
+        coords_bzyx: torch.Tensor,
+        num_clouds: int,
+        bev_backbone: bool = True,
     ) -> torch.Tensor:
-        """Args: (V, 4) voxel features, (V, 4) int32 ``[cloud, z, y, x]``, N clouds.
+        """Args: (V, 4) voxel features, (V, 4) int32 ``[cloud, z, y, x]``, N clouds;
+        ``bev_backbone``: False stops after the sparse backbone (fusion before the 2D backbone).
 
-        Returns: (N, C, H, W) features.
+        Returns: (N, C, H, W) features, or (N, C_bev, H, W) sparse-backbone BEV maps.
         """
         bev = self.sparse(voxel_features, coords_bzyx, num_clouds)  # (N, C_bev, H, W)
-        return self.bev(bev)  # (N, C, H, W)
+        return self.bev(bev) if bev_backbone else bev  # (N, C, H, W)
 
     def fuse_for_inference(self) -> PointCloudEncoder:
         """An eval-mode copy for inference only, batch norm folded into both backbones (see

@@ -112,6 +112,14 @@ class FusionConfig:
             late on the ego's own map, for late also on each sender's). The confidence maps that
             pick cells to send are the head's on a sender's map through the neck. Not with core,
             whose aggregation weighs the received maps by the head's confidence cell by cell.
+        before_bev_backbone: attfuse with BEV messages: fuse the sparse 3D backbone's BEV maps
+            and run the 2D backbone on the fused map, as OpenCOOD's VoxelNet AttFuse does (its
+            attention sits between the 3D middle layers and the RPN), instead of fusing the 2D
+            backbone's outputs. The received evidence is then pooled before the convolutions that
+            spread a vehicle's points to its box centre, as early fusion pools points. Senders
+            still run their whole encoder and head to score cells (their confidence); the
+            compressor works on the sparse backbone's channels. The selection
+            ``occupied_confidence`` suits it: these maps are zero where a sender has no voxel.
     """
 
     method: Literal["none", "early", "late", "attfuse", "core"] = "none"
@@ -122,6 +130,7 @@ class FusionConfig:
     proj_first: bool = False
     combine: Literal["attention", "max"] = "attention"
     post_layers: int = 0
+    before_bev_backbone: bool = False
 
     def validate(self) -> None:
         """Check that the settings fit together (separate from construction, so that overrides can
@@ -145,6 +154,11 @@ class FusionConfig:
             raise ValueError(f"fusion.combine={self.combine!r} applies to attfuse only (got {self.method!r})")
         if self.post_layers < 0:
             raise ValueError(f"fusion.post_layers must be >= 0, got {self.post_layers}")
+        if self.before_bev_backbone and (self.method != "attfuse" or self.message != "bev"):
+            raise ValueError(
+                "fusion.before_bev_backbone applies to attfuse with BEV messages "
+                f"(got method={self.method!r}, message={self.message!r})"
+            )
         if self.post_layers and self.method == "core":
             raise ValueError(
                 "fusion.post_layers does not apply to core: its aggregation reads the head's "
@@ -284,7 +298,10 @@ class CooperativePerception(nn.Module):
         )
         fusion = config.fusion
         self.compressor = (
-            BevCompressor(fusion.compressor, channels)
+            BevCompressor(
+                fusion.compressor,
+                self.encoder.sparse.bev_channels if fusion.before_bev_backbone else channels,
+            )
             if fusion.method in ("attfuse", "core") and fusion.message == "bev"
             else None
         )
@@ -340,18 +357,25 @@ class CooperativePerception(nn.Module):
 
     # -------------------------------------------------------------------------------- encoding
 
-    def encode_agents(self, batch: CoopBatch, agents: torch.Tensor, in_ego_frame: bool = False) -> torch.Tensor:
+    def encode_agents(
+        self,
+        batch: CoopBatch,
+        agents: torch.Tensor,
+        in_ego_frame: bool = False,
+        bev_backbone: bool = True,
+    ) -> torch.Tensor:
         """(len(agents), C, H, W) features of the given flat agents, each in its own frame, or with
-        ``in_ego_frame`` in its sample's ego frame (:meth:`clouds_in_ego_frame`)."""
+        ``in_ego_frame`` in its sample's ego frame (:meth:`clouds_in_ego_frame`); with
+        ``bev_backbone=False`` the sparse backbone's (len(agents), C_bev, H, W) maps."""
         if in_ego_frame:
-            return self._encode_in_ego_frame(batch, agents)[0]
+            return self._encode_in_ego_frame(batch, agents, bev_backbone)[0]
         agent_of_voxel = batch.voxel_coords_bzyx[:, 0].long()
         position = torch.full((batch.num_agents,), -1, dtype=torch.long, device=agent_of_voxel.device)
         position[agents.to(agent_of_voxel.device)] = torch.arange(len(agents), device=agent_of_voxel.device)
         keep = position[agent_of_voxel] >= 0
         coords = batch.voxel_coords_bzyx[keep].clone()
         coords[:, 0] = position[agent_of_voxel[keep]].to(torch.int32)
-        return self.encoder(batch.voxel_features[keep], coords, len(agents))
+        return self.encoder(batch.voxel_features[keep], coords, len(agents), bev_backbone)
 
     def encode_clouds(self, clouds: list[torch.Tensor]) -> torch.Tensor:
         """(len(clouds), C, H, W) features of point clouds given in the frame of their map."""
@@ -368,11 +392,14 @@ class CooperativePerception(nn.Module):
             coords.append(torch.cat([index, voxels.coords_zyx], dim=1))
         return torch.cat(features), torch.cat(coords)
 
-    def _encode_in_ego_frame(self, batch: CoopBatch, agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_in_ego_frame(
+        self, batch: CoopBatch, agents: torch.Tensor, bev_backbone: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(agents), C, H, W) features of the given flat agents encoded in their sample's ego
-        frame, and the (V, 4) ``[index in agents, z, y, x]`` voxel coords they were encoded from."""
+        frame (sparse-backbone maps without ``bev_backbone``), and the (V, 4)
+        ``[index in agents, z, y, x]`` voxel coords they were encoded from."""
         features, coords = self._voxelise_clouds(self.clouds_in_ego_frame(batch, agents))
-        return self.encoder(features, coords, len(agents)), coords
+        return self.encoder(features, coords, len(agents), bev_backbone), coords
 
     @staticmethod
     def _points_moved(batch: CoopBatch, T_ego_from_agent: torch.Tensor) -> torch.Tensor:
@@ -422,7 +449,8 @@ class CooperativePerception(nn.Module):
         records: list[list[MessageRecord]],
         voxel_coords_bzyx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, C, H, W) fused maps from (A, C, H, W) per-agent features (attfuse, core);
+        """(B, C, H, W) fused maps from (A, C, H, W) per-agent features (attfuse, core; with
+        ``before_bev_backbone`` the sparse backbone's maps, fused before the 2D backbone);
         ``voxel_coords_bzyx``: the voxels the maps were encoded from when not the batch's own
         (proj_first)."""
         fusion = self.config.fusion
@@ -435,16 +463,19 @@ class CooperativePerception(nn.Module):
             T_map = np.broadcast_to(np.eye(4), T_map.shape).copy()
         positions = batch.agent_position_m.cpu().numpy()
         occupied = None
-        if fusion.compressor.selection == "nonempty" and self.compressor is not None:
+        if fusion.compressor.selection in ("nonempty", "occupied_confidence") and self.compressor is not None:
             with self._on_senders():
                 occupied = self.occupied_cells(batch, voxel_coords_bzyx)  # (A, H, W), in each map's frame
-        need_confidence = fusion.method == "core" or fusion.compressor.selection == "confidence"
+        need_confidence = fusion.method == "core" or fusion.compressor.selection in (
+            "confidence",
+            "occupied_confidence",
+        )
         if self.inference_only:
             confidence, compressed = self._per_agent_maps(batch, features, need_confidence)
         else:
             confidence = None
             if need_confidence:
-                confidence = self.detection.confidence(self.neck(features))  # (A, H, W), each agent's own frame
+                confidence = self.sender_confidence(features)  # (A, H, W), each agent's own frame
             compressed = None
             if self.compressor is not None:
                 with self._on_senders():
@@ -566,10 +597,20 @@ class CooperativePerception(nn.Module):
             senders = features[first + 1 : first + n]  # a sample's agents are consecutive, ego first
             with self._on_senders():
                 if confidence is not None:
-                    confidence[first + 1 : first + n] = list(self.detection.confidence(self.neck(senders)))
+                    confidence[first + 1 : first + n] = list(self.sender_confidence(senders))
                 if compressed is not None:
                     compressed[first + 1 : first + n] = list(self.compressor.compress(senders))
         return confidence, compressed
+
+    def sender_confidence(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) detection confidence of agents on their own (N, C, H, W) maps, the score
+        cells are selected by. With ``before_bev_backbone`` the maps are the sparse backbone's
+        and the sender runs its 2D backbone on them first; the confidence only picks cells (no
+        gradient flows through the choice), so that pass keeps no graph."""
+        if not self.config.fusion.before_bev_backbone:
+            return self.detection.confidence(self.neck(features))
+        with torch.no_grad():
+            return self.detection.confidence(self.neck(self.encoder.bev(features)))
 
     def _aggregate(self, stacked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) maps in the ego frame (the ego's first) + (n, 1, H, W) validity -> (C, H, W)
@@ -705,12 +746,20 @@ class CooperativePerception(nn.Module):
         request), as Where2comm and CORE do: the detection head reads one cell per anchor, and the
         cell of a vehicle's box centre usually holds no voxel (the LiDAR hits the near side of the
         vehicle), so gating them by occupancy would drop the very cells that carry the detection.
+        ``occupied_confidence`` ranks the occupied cells by the highest confidence within
+        ``vicinity_cells`` of them: the cells holding a vehicle's points, which lie a few cells
+        from its box centre, for maps that are zero where the sender has no voxel
+        (``before_bev_backbone``).
         """
         match self.config.fusion.compressor.selection:
             case "nonempty":
                 return occupied.to(compressed.dtype) * compressed.detach().norm(dim=0)
             case "confidence":
                 return confidence.to(compressed.dtype)
+            case "occupied_confidence":
+                r = self.config.fusion.compressor.vicinity_cells
+                near = F.max_pool2d(confidence[None, None], 2 * r + 1, stride=1, padding=r)[0, 0]
+                return occupied.to(compressed.dtype) * near.to(compressed.dtype)
             case "request":
                 if request is None:
                     return torch.zeros_like(confidence)  # no request heard: nothing to answer
@@ -758,11 +807,14 @@ class CooperativePerception(nn.Module):
             case "attfuse" | "core":
                 all_agents = torch.arange(batch.num_agents, device=ego.device)
                 coords = None
+                before = self.config.fusion.before_bev_backbone
                 if self.config.fusion.proj_first:
-                    features, coords = self._encode_in_ego_frame(batch, all_agents)
+                    features, coords = self._encode_in_ego_frame(batch, all_agents, not before)
                 else:
-                    features = self.encode_agents(batch, all_agents)
+                    features = self.encode_agents(batch, all_agents, bev_backbone=not before)
                 fused = self._fuse_intermediate(batch, features, link, stats.records, coords)
+                if before:
+                    fused = self.encoder.bev(fused)  # the 2D backbone on the fused sparse-backbone maps
             case _:
                 raise ValueError(f"unknown fusion method {method!r}")
 

@@ -174,6 +174,22 @@ def test_planner_configs_in_the_repository_load():
         assert cfg.env.scenario in path.stem
 
 
+def test_perception_configs_in_the_repository_load_and_build():
+    from pathlib import Path
+
+    from models.experiment import load_experiment
+    from models.perception import CooperativePerception
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "perception"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 10, "perception configs missing"
+    for path in files:
+        cfg = load_experiment(path)
+        assert cfg.name == path.stem
+        model = CooperativePerception(cfg.model)
+        assert model.config.fusion.method in path.stem or path.stem == "tiny"
+
+
 @dataclass(frozen=True)
 class WithNoneWord:
     method: Literal["none", "early"] = "early"

@@ -389,3 +389,96 @@ def test_post_fusion_neck_is_trained_and_rejected_where_it_does_not_apply():
         fusion_config("core", post_layers=1).validate()
     with pytest.raises(ValueError, match=">= 0"):
         fusion_config("attfuse", post_layers=-1).validate()
+
+
+BEFORE_2D = fusion_config("attfuse", selection="occupied_confidence", proj_first=True, before_bev_backbone=True)
+"""attfuse fused before the 2D backbone (``fusion.before_bev_backbone``)."""
+
+
+@pytest.fixture(scope="module")
+def before_2d_models(models) -> dict[str, CooperativePerception]:
+    """attention and max combinations fused before the 2D backbone, with the "none" model's weights."""
+    out = {}
+    for combine in ("attention", "max"):
+        torch.manual_seed(0)
+        fusion = dataclasses.replace(BEFORE_2D, combine=combine)
+        config = small_model_config(fusion=fusion, detection=DetectionHeadConfig(score_threshold=0.0))
+        out[combine] = CooperativePerception(config).eval()
+        out[combine].load_state_dict(models["none"].state_dict(), strict=False)
+    return out
+
+
+@pytest.mark.parametrize("combine", ["attention", "max"])
+def test_fusion_before_the_2d_backbone_keeps_one_agent_equal_and_does_not_depend_on_order(
+    models, before_2d_models, combine
+):
+    model = before_2d_models[combine]
+    # the compressor reduces the sparse backbone's channels, not the 2D backbone's
+    assert model.compressor.encoder.in_channels == model.encoder.sparse.bev_channels
+    batch = CoopCollate(model.config.grid)([synthetic_sample(3, 1), synthetic_sample(4, 1)])
+    assert_one_agent_equals_ego_only(model, models["none"], batch)
+    sample = synthetic_sample(7, 4)
+    collate = CoopCollate(model.config.grid)
+    with torch.no_grad():
+        first, _ = model(collate([sample]), LINK, with_loss=False, with_detections=True)
+        second, _ = model(collate([permute_others(sample, [3, 1, 2])]), LINK, with_loss=False, with_detections=True)
+        own = model.encode_agents(collate([sample]), torch.tensor([0]))
+    h, w = model.bev_grid.shape
+    assert first.fused_features.shape == (1, model.encoder.out_channels, h, w)
+    torch.testing.assert_close(first.fused_features, second.fused_features, rtol=1e-4, atol=1e-4)
+    assert len(first.link.records[0]) == 3
+    # the senders' cells went through the 2D backbone with the ego's: the map is not the ego's own
+    assert bool(((first.fused_features - own).abs() > 1e-4).any())
+
+
+def test_fusion_before_the_2d_backbone_trains_the_compressor_and_both_backbones_through_the_messages():
+    torch.manual_seed(0)
+    model = CooperativePerception(small_model_config(fusion=BEFORE_2D)).train()
+    batch = CoopCollate(model.config.grid)([synthetic_sample(5, 2)])
+    _, loss = model(batch, LINK)
+    loss.total.backward()
+    for name, parameter in [
+        ("compressor", model.compressor.encoder.weight),
+        ("decompressor", model.compressor.decoder[0].weight),
+        ("2D backbone", next(model.encoder.bev.parameters())),
+        ("sparse backbone", model.encoder.sparse.input_conv[0].weight),
+    ]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_occupied_confidence_sends_the_occupied_cells_nearest_to_confident_ones():
+    """Scores are the highest confidence within ``vicinity_cells`` (3) of an occupied cell, zero
+    elsewhere; the budget keeps the best."""
+    compressor = CompressorConfig(channels=4, max_cells=2, selection="occupied_confidence", vicinity_cells=3)
+    fusion = dataclasses.replace(BEFORE_2D, compressor=compressor)
+    model = CooperativePerception(small_model_config(fusion=fusion)).eval()
+    h, w = model.bev_grid.shape
+    occupied = torch.zeros(h, w, dtype=torch.bool)
+    for r, c in [(5, 5), (5, 9), (5, 14), (20, 20)]:
+        occupied[r, c] = True
+    confidence = torch.full((h, w), 0.01)
+    confidence[5, 7] = 0.8  # a box centre without a voxel, 2 cells from (5, 5) and (5, 9)
+    confidence[20, 21] = 0.3
+    score = model.selection_score(occupied, torch.ones(4, h, w), confidence, None)
+    expected = torch.zeros(h, w)
+    expected[5, 5] = expected[5, 9] = 0.8
+    expected[5, 14] = 0.01  # 7 cells from the peak: only its own vicinity's background
+    expected[20, 20] = 0.3
+    torch.testing.assert_close(score, expected)
+    mask = model.compressor.select(score)
+    assert mask.sum() == 2 and mask[5, 5] and mask[5, 9]
+
+
+def test_fusion_before_the_2d_backbone_and_its_selection_are_rejected_where_they_do_not_apply():
+    for method, message in [("core", "bev"), ("early", "bev"), ("none", "bev"), ("attfuse", "keypoints")]:
+        with pytest.raises(ValueError, match="before_bev_backbone"):
+            FusionConfig(
+                method=method,
+                message=message,
+                compressor=CompressorConfig(selection="request" if method == "core" else "confidence"),
+                before_bev_backbone=True,
+            ).validate()
+    with pytest.raises(ValueError, match="selection"):
+        CompressorConfig(selection="everything")
+    with pytest.raises(ValueError, match="vicinity_cells"):
+        CompressorConfig(vicinity_cells=-1)

@@ -27,7 +27,7 @@ from models.perception import CooperativePerception, PerceptionOutput, SenderClo
 LINK = V2XLink(LinkConfig())
 METHODS = [
     "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core",
-    "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post", "attfuse_max",
+    "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post", "attfuse_max", "attfuse_before_2d",
 ]
 
 
@@ -36,7 +36,8 @@ def make_model(method: str) -> CooperativePerception:
     ``attfuse_confidence``: BEV cells selected by the sender's confidence, ``*_proj_first``: the
     senders encode in the ego frame, ``*_post``: a two-layer post-fusion neck (``attfuse_post``:
     with proj_first and cells selected by confidence through the neck), ``attfuse_max``: F-Cooper's
-    element-wise maximum instead of attention."""
+    element-wise maximum instead of attention, ``attfuse_before_2d``: fused before the 2D backbone
+    (proj_first, occupied cells near confident ones)."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
         "attfuse_confidence": fusion_config("attfuse", selection="confidence"),
@@ -45,6 +46,9 @@ def make_model(method: str) -> CooperativePerception:
         "late_post": fusion_config("late", post_layers=2),
         "attfuse_post": fusion_config("attfuse", selection="confidence", proj_first=True, post_layers=2),
         "attfuse_max": fusion_config("attfuse", selection="confidence", combine="max"),
+        "attfuse_before_2d": fusion_config(
+            "attfuse", selection="occupied_confidence", proj_first=True, before_bev_backbone=True
+        ),
     }
     if method in variants:
         torch.manual_seed(0)
@@ -96,7 +100,7 @@ def assert_outputs_close(got: PerceptionOutput, want: PerceptionOutput, tol: flo
     "method",
     [
         "attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first",
-        "attfuse_post", "attfuse_max",
+        "attfuse_post", "attfuse_max", "attfuse_before_2d",
     ],
 )
 def test_fusion_inference_path_equals_the_dense_path(batch, method):
