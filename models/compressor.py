@@ -64,6 +64,11 @@ class CompressorConfig:
         confidence scores a cell (3: 2.4 m at 0.8 m cells, about half a car's length).
     train_cells: budget while training, ``"max_cells"`` or ``"random"`` (module docstring).
     value_format: feature values on the wire: float32, float16, int16 or int8.
+    apply_to_ego: the receiver also passes its own map through the compressor and back before
+        fusing (nothing is sent), as OpenCOOD compresses every agent's map, the ego's included:
+        the fused map then holds one kind of features everywhere, and the layers after the fusion
+        read a vehicle only a sender sees the way they read the ego's own. Off: the ego fuses its
+        full features with the senders' decompressed ones.
     """
 
     channels: int = 16
@@ -72,6 +77,7 @@ class CompressorConfig:
     vicinity_cells: int = 3
     train_cells: Literal["max_cells", "random"] = "max_cells"
     value_format: Literal["float32", "float16", "int16", "int8"] = "float16"
+    apply_to_ego: bool = False
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.max_cells < 0 or self.vicinity_cells < 0:
@@ -107,6 +113,11 @@ class BevCompressor(nn.Module):
 
     def decompress(self, compressed: torch.Tensor) -> torch.Tensor:
         return self.decoder(compressed)
+
+    def round_trip(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W): compressed and restored at every cell, nothing quantised
+        (what a receiver does to its own map with ``apply_to_ego``)."""
+        return self.decompress(self.compress(features))
 
     def budget(self, num_cells: int) -> int:
         """Cells one message may carry (0: no limit): ``max_cells``, or while training with

@@ -154,6 +154,11 @@ class FusionConfig:
             raise ValueError(f"fusion.combine={self.combine!r} applies to attfuse only (got {self.method!r})")
         if self.post_layers < 0:
             raise ValueError(f"fusion.post_layers must be >= 0, got {self.post_layers}")
+        if self.compressor.apply_to_ego and (self.method not in ("attfuse", "core") or self.message != "bev"):
+            raise ValueError(
+                "fusion.compressor.apply_to_ego applies to the BEV messages of attfuse and core "
+                f"(got method={self.method!r}, message={self.message!r})"
+            )
         if self.before_bev_backbone and (self.method != "attfuse" or self.message != "bev"):
             raise ValueError(
                 "fusion.before_bev_backbone applies to attfuse with BEV messages "
@@ -546,10 +551,13 @@ class CooperativePerception(nn.Module):
             received = link.exchange(
                 outgoing, info.ego_id, agent_positions, where, phase=1, records=records[s]
             )
+            own = features[first]
+            if fusion.compressor.apply_to_ego and self.compressor is not None:
+                own = self.compressor.round_trip(own[None])[0]
             if self.inference_only:
-                fused.append(self._fuse_received_cells(features[first], received))
+                fused.append(self._fuse_received_cells(own, received))
                 continue
-            maps = [features[first]]
+            maps = [own]
             valid = [torch.ones(1, h, w, dtype=torch.bool, device=features.device)]
             for message in received:
                 T_ego_from_sender = torch.from_numpy(message.T_ref_from_sender)[None]

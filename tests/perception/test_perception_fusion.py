@@ -482,3 +482,30 @@ def test_fusion_before_the_2d_backbone_and_its_selection_are_rejected_where_they
         CompressorConfig(selection="everything")
     with pytest.raises(ValueError, match="vicinity_cells"):
         CompressorConfig(vicinity_cells=-1)
+
+
+@pytest.mark.parametrize("before_2d", [False, True])
+def test_apply_to_ego_fuses_the_egos_own_map_after_a_compressor_round_trip(before_2d):
+    """With ``compressor.apply_to_ego`` an ego alone gets its own map compressed and restored (the
+    same features a sender's cells arrive as), before the 2D backbone when fusing there; the
+    gradient reaches the compressor from the ego's own boxes."""
+    torch.manual_seed(0)
+    compressor = CompressorConfig(channels=4, max_cells=64, selection="occupied_confidence", apply_to_ego=True)
+    fusion = dataclasses.replace(BEFORE_2D, compressor=compressor, before_bev_backbone=before_2d)
+    model = CooperativePerception(small_model_config(fusion=fusion)).eval()
+    batch = CoopCollate(model.config.grid)([synthetic_sample(3, 1)])
+    with torch.no_grad():
+        output, _ = model(batch, LINK, with_loss=False)
+        own = model.encode_agents(batch, batch.ego_agent_index, bev_backbone=not before_2d)
+        want = model.compressor.round_trip(own)
+        if before_2d:
+            want = model.encoder.bev(want)
+        plain = own if not before_2d else model.encoder.bev(own)
+    torch.testing.assert_close(output.fused_features, want)
+    assert not torch.allclose(output.fused_features, plain)
+    model.train()
+    _, loss = model(batch, LINK)
+    loss.total.backward()
+    assert model.compressor.encoder.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="apply_to_ego"):
+        FusionConfig(method="early", compressor=compressor).validate()

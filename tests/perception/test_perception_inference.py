@@ -13,6 +13,8 @@ normalisation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 
 from datasets.collate import CoopCollate
 from models.comm import LinkConfig, V2XLink
+from models.compressor import CompressorConfig
 from models.heads.detection import DetectionHeadConfig
 from models.perception import CooperativePerception, PerceptionOutput, SenderClock
 
@@ -28,6 +31,7 @@ LINK = V2XLink(LinkConfig())
 METHODS = [
     "none", "early", "late", "attfuse", "attfuse_keypoints", "attfuse_confidence", "core",
     "attfuse_proj_first", "core_proj_first", "late_post", "attfuse_post", "attfuse_max", "attfuse_before_2d",
+    "core_ego_compressed",
 ]
 
 
@@ -37,7 +41,8 @@ def make_model(method: str) -> CooperativePerception:
     senders encode in the ego frame, ``*_post``: a two-layer post-fusion neck (``attfuse_post``:
     with proj_first and cells selected by confidence through the neck), ``attfuse_max``: F-Cooper's
     element-wise maximum instead of attention, ``attfuse_before_2d``: fused before the 2D backbone
-    (proj_first, occupied cells near confident ones)."""
+    (proj_first, occupied cells near confident ones), ``core_ego_compressed``: the ego's own map
+    through the compressor and back too (``compressor.apply_to_ego``)."""
     variants = {
         "attfuse_keypoints": fusion_config("attfuse", message="keypoints"),
         "attfuse_confidence": fusion_config("attfuse", selection="confidence"),
@@ -48,6 +53,10 @@ def make_model(method: str) -> CooperativePerception:
         "attfuse_max": fusion_config("attfuse", selection="confidence", combine="max"),
         "attfuse_before_2d": fusion_config(
             "attfuse", selection="occupied_confidence", proj_first=True, before_bev_backbone=True
+        ),
+        "core_ego_compressed": dataclasses.replace(
+            fusion_config("core"),
+            compressor=CompressorConfig(channels=4, max_cells=64, selection="request", apply_to_ego=True),
         ),
     }
     if method in variants:
@@ -100,7 +109,7 @@ def assert_outputs_close(got: PerceptionOutput, want: PerceptionOutput, tol: flo
     "method",
     [
         "attfuse", "attfuse_keypoints", "attfuse_confidence", "core", "attfuse_proj_first", "core_proj_first",
-        "attfuse_post", "attfuse_max", "attfuse_before_2d",
+        "attfuse_post", "attfuse_max", "attfuse_before_2d", "core_ego_compressed",
     ],
 )
 def test_fusion_inference_path_equals_the_dense_path(batch, method):
