@@ -7,9 +7,9 @@ from models.planning.experiment import PlannerConfig, make_env_fns, save_checkpo
 from models.planning.mappo import MAPPOTrainer
 
 
-def untrained_red_light_checkpoint(folder: Path) -> Path:
-    """A small single-agent red_light policy with `visible` observations, saved under ``folder``;
-    the evaluation plumbing needs no good policy."""
+def untrained_red_light_checkpoint(folder: Path, *overrides: str) -> Path:
+    """A small single-agent red_light policy with `visible` observations (and ``overrides`` of the
+    planner config), saved under ``folder``; the evaluation plumbing needs no good policy."""
     config = apply_overrides(
         PlannerConfig(),
         [
@@ -18,6 +18,7 @@ def untrained_red_light_checkpoint(folder: Path) -> Path:
             "env.obs=visible",
             "learner.num_envs=1",
             "learner.network.hidden_sizes=16",
+            *overrides,
         ],
     )
     trainer = MAPPOTrainer(make_env_fns(config.env, 1, 0), config.learner)

@@ -125,3 +125,35 @@ def test_summary_gives_the_wilson_interval_of_the_success_rate():
     assert summary["success_ci95_high"] == pytest.approx(centre + half, abs=1e-9)  # 0.943
     everything = summarize([episode(k, True) for k in range(10)])
     assert everything["success_ci95_high"] == pytest.approx(1.0) and everything["success_ci95_low"] < 1.0
+
+
+def test_conflict_decisions_bench_classifies_episodes_by_the_first_margin(tmp_path):
+    """bench/conflict_decisions.py on an untrained red_light policy with conflict features: every
+    episode lands in one class, the action shares of each class sum to one, and the first margins
+    of red_light's runners are known with visible observations."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "plain").mkdir()
+    checkpoint = untrained_red_light_checkpoint(tmp_path / "ckpt", "env.conflict_features=true")
+    out = tmp_path / "decisions.json"
+    result = subprocess.run(
+        [sys.executable, "bench/conflict_decisions.py", "--checkpoint", str(checkpoint), "--episodes", "4",
+         "--first", "3", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads(out.read_text())["table"]
+    assert sum(row["episodes"] for row in table.values()) == 4
+    assert set(table) <= {"go first possible", "must yield"}  # the van sees the runner from the start
+    for row in table.values():
+        assert sum(v for k, v in row.items() if k.startswith("first_")) == pytest.approx(1.0)
+        assert {"first_IDLE", "first_FASTER", "first_SLOWER"} <= set(row)
+        assert 0.0 <= row["faster_in_first"] <= 3.0
+        assert row["success"] + row["collision"] + row["timeout"] == pytest.approx(1.0)
+    assert "| first go-first margin | episodes |" in result.stdout
+    # without conflict features the script refuses the checkpoint
+    plain = untrained_red_light_checkpoint(tmp_path / "plain")
+    refused = subprocess.run(
+        [sys.executable, "bench/conflict_decisions.py", "--checkpoint", str(plain), "--episodes", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2 and "conflict features" in refused.stderr
