@@ -282,6 +282,15 @@ class EnvConfig:
     """priority-based safety supervisor (discrete actions)"""
     safety_config: SafetyConfig = field(default_factory=SafetyConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    exploring_starts: int = 0
+    """training only (evaluation sets it to 0): at reset the agents first drive k decisions with
+    FASTER, k drawn uniformly from 0..exploring_starts, before the policy takes over, so that
+    episodes also start partway into the approach at speed (Sutton and Barto's exploring starts).
+    Where success needs several FASTERs in a row from the first decision (going before a late
+    red-light runner), a policy that samples one decision at a time rarely tries that sequence
+    once it has learned to brake at the start; from these starts it sees what going first pays.
+    An episode that ends during those decisions starts again from its scenario without them. The
+    episode's statistics (``infos[agent]["episode"]``) include the decisions; discrete actions only."""
 
     def validate(self) -> None:
         problems = []
@@ -307,6 +316,10 @@ class EnvConfig:
             problems.append(f"channel must be one of ideal, dsrc, lte_v2x, got {self.channel!r}")
         if self.safety and self.action != "discrete":
             problems.append("safety needs discrete actions (it chooses among the meta-actions)")
+        if self.exploring_starts < 0:
+            problems.append(f"exploring_starts must be >= 0, got {self.exploring_starts}")
+        if self.exploring_starts and self.action != "discrete":
+            problems.append("exploring_starts needs discrete actions (the agents press FASTER)")
         if self.safety and not self.lateral_actions:
             problems.append("safety needs lateral_actions (it may replace an action by a lane change)")
         if problems:
@@ -567,6 +580,21 @@ class CoopDrivingEnv(ParallelEnv):
         if self._next_episode_s is not None:
             self.task = replace(self.task, episode_s=self._next_episode_s)
             self._next_episode_s = None
+        obs, infos = self._start_episode()
+        starts = self.config.exploring_starts
+        if starts:
+            faster = {a: self.meta_actions.index(MetaAction.FASTER) for a in self.possible_agents}
+            for _ in range(int(self._rng.integers(starts + 1))):
+                obs, _, terminations, truncations, _ = self.step({a: faster[a] for a in self.agents})
+                if len(self.agents) < len(self.possible_agents) or any(terminations.values()) or any(
+                    truncations.values()
+                ):
+                    return self._start_episode()  # ended before the policy acted: a plain start
+            infos = {a: {"vehicle_id": self._tracks[a].vid} for a in self.agents}
+        return obs, infos
+
+    def _start_episode(self) -> tuple[dict, dict]:
+        """Build :attr:`episode_seed`'s scenario and the agents' tracks; the first observations."""
         frame = self.world.reset(self.episode_seed)
         self.frame = frame
         self._lanes = LaneMap(self.world.layout, self._allow_oncoming())

@@ -370,8 +370,9 @@ def eval_seeds(episodes: int, offset: int = 0) -> list[int]:
 
 
 def env_config_for_eval(config: PlannerConfig, scenario: str | None, obs: str | None) -> EnvConfig:
-    """The training env config with the scenario and observation mode swapped as asked."""
-    env = config.env
+    """The training env config with the scenario and observation mode swapped as asked, and no
+    exploring starts (a training device: evaluation starts every episode as its scenario does)."""
+    env = replace(config.env, exploring_starts=0)
     if scenario is not None:
         env = replace(env, scenario=scenario)
     if obs is not None:

@@ -402,3 +402,44 @@ def test_env_bench_interleaves_rounds_and_prints_every_configuration():
         assert 0 < low <= median <= high
     bad = _run_bench("env_bench.py", "--rounds", "0")
     assert bad.returncode == 2 and "--rounds" in bad.stderr
+
+
+def test_exploring_starts_begin_episodes_partway_in_after_faster_decisions():
+    """``exploring_starts=K``: each reset drives 0..K FASTER decisions before handing over
+    (seeded: the same seed gives the same start), the ego is then further along and faster than at
+    the scenario's own start, the API holds, and evaluation configs turn it off."""
+    from dataclasses import replace
+
+    from models.planning.experiment import PlannerConfig, env_config_for_eval
+
+    def ego_state(env):
+        return next(a for a in env.frame.agents if a.id == env.vehicle_id("cav_0"))
+
+    base = EnvConfig(scenario="red_light", controlled="ego", lateral_actions=False, conflict_features=True)
+    plain = CoopDrivingEnv(base, seed=0)
+    explored = CoopDrivingEnv(replace(base, exploring_starts=5), seed=0)
+    decision_s = 0.1 * base.decision_ticks
+    starts = []
+    for seed in range(8):
+        plain.reset(seed=seed)
+        obs, infos = explored.reset(seed=seed)
+        t = explored.frame.time_s
+        k = round(t / decision_s)
+        assert k * decision_s == pytest.approx(t) and 0 <= k <= 5
+        starts.append(k)
+        assert set(obs) == set(infos) == {"cav_0"} and explored.agents == ["cav_0"]
+        if k:
+            assert explored.vehicle_id("cav_0") == plain.vehicle_id("cav_0")
+            before, after = ego_state(plain), ego_state(explored)
+            assert np.linalg.norm(after.T_world_from_agent[:2, 3] - before.T_world_from_agent[:2, 3]) > 1.0
+            assert after.speed > before.speed  # FASTER from the scenario's start speed
+        explored.reset(seed=seed)
+        assert explored.frame.time_s == pytest.approx(t)  # the same seed, the same start
+    assert len(set(starts)) >= 3
+    parallel_api_test(CoopDrivingEnv(replace(base, exploring_starts=3), seed=1), num_cycles=30)
+    config = PlannerConfig(env=replace(base, exploring_starts=5))
+    assert env_config_for_eval(config, None, None).exploring_starts == 0
+    with pytest.raises(ValueError, match="exploring_starts"):
+        replace(base, exploring_starts=-1).validate()
+    with pytest.raises(ValueError, match="exploring_starts needs discrete"):
+        replace(base, exploring_starts=2, action="continuous").validate()
