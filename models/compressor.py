@@ -88,6 +88,16 @@ class CompressorConfig:
         if self.train_cells not in ("max_cells", "random"):
             raise ValueError(f"CompressorConfig: train_cells must be 'max_cells' or 'random', got {self.train_cells!r}")
 
+    @property
+    def uses_occupancy(self) -> bool:
+        """The selection reads which cells hold a voxel of the sender."""
+        return self.selection in ("nonempty", "occupied_confidence")
+
+    @property
+    def uses_confidence(self) -> bool:
+        """The selection reads the sender's detection confidence."""
+        return self.selection in ("confidence", "request", "occupied_confidence")
+
     def codec(self) -> SparseBEVCodec:
         return SparseBEVCodec(fmt=_FORMATS[self.value_format], compression=Compression.ZSTD)
 

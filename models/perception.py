@@ -468,13 +468,10 @@ class CooperativePerception(nn.Module):
             T_map = np.broadcast_to(np.eye(4), T_map.shape).copy()
         positions = batch.agent_position_m.cpu().numpy()
         occupied = None
-        if fusion.compressor.selection in ("nonempty", "occupied_confidence") and self.compressor is not None:
+        if fusion.compressor.uses_occupancy and self.compressor is not None:
             with self._on_senders():
                 occupied = self.occupied_cells(batch, voxel_coords_bzyx)  # (A, H, W), in each map's frame
-        need_confidence = fusion.method == "core" or fusion.compressor.selection in (
-            "confidence",
-            "occupied_confidence",
-        )
+        need_confidence = fusion.method == "core" or fusion.compressor.uses_confidence
         if self.inference_only:
             confidence, compressed = self._per_agent_maps(batch, features, need_confidence)
         else:

@@ -583,12 +583,10 @@ class CoopDrivingEnv(ParallelEnv):
         obs, infos = self._start_episode()
         starts = self.config.exploring_starts
         if starts:
-            faster = {a: self.meta_actions.index(MetaAction.FASTER) for a in self.possible_agents}
+            faster = self.meta_actions.index(MetaAction.FASTER)
             for _ in range(int(self._rng.integers(starts + 1))):
-                obs, _, terminations, truncations, _ = self.step({a: faster[a] for a in self.agents})
-                if len(self.agents) < len(self.possible_agents) or any(terminations.values()) or any(
-                    truncations.values()
-                ):
+                obs, *_ = self.step({a: faster for a in self.agents})
+                if len(self.agents) < len(self.possible_agents):  # an agent is done (step drops it)
                     return self._start_episode()  # ended before the policy acted: a plain start
             infos = {a: {"vehicle_id": self._tracks[a].vid} for a in self.agents}
         return obs, infos
